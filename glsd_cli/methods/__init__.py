@@ -1,0 +1,18 @@
+"""Pre-training methods: `build_method(cfg)` picks the class for `cfg.method.name`."""
+from __future__ import annotations
+
+from glsd_cli.config import Config
+from glsd_cli.methods.base import Method, StepContext
+
+
+def build_method(cfg: Config) -> Method:
+    if cfg.method.name == "dino":
+        from glsd_cli.methods.glsd import GlobalLocalDistillation
+
+        return GlobalLocalDistillation(cfg)
+    from glsd_cli.methods.sdssl import build_sdssl  # simclr / byol / mocov3
+
+    return build_sdssl(cfg)
+
+
+__all__ = ["Method", "StepContext", "build_method"]

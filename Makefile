@@ -1,0 +1,40 @@
+# glsd — the two commands that matter: `make demo` and `make test`. Both set up .venv from nothing.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DEMO_OUT := runs
+
+.PHONY: venv demo test test-slow test-all clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch and torchvision first: on this project's machines pip takes the local 2.14.1 / 0.29.1 builds.
+	$(BIN)/pip install --quiet torch torchvision
+	$(BIN)/pip install --quiet -e '.[dev,onnx]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## Pre-train the tiny preset on the built-in data, then k-NN: pre-trained vs. the same network at random init.
+demo: $(STAMP)
+	rm -rf $(DEMO_OUT)/demo
+	$(BIN)/glsd pretrain --name demo --out $(DEMO_OUT)
+	$(BIN)/glsd knn-eval $(DEMO_OUT)/demo --random-init
+	$(BIN)/glsd knn-eval $(DEMO_OUT)/demo
+
+## The fast suite (what CI runs first).
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+## Only the slow end-to-end runs (marked @pytest.mark.slow).
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+## Everything, including the slow end-to-end runs.
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q -m ""
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,168 @@
+"""The `glsd` command line. Thin: arguments → config → engine call. User errors → one line, exit 2."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from glsd_cli.errors import GlsdError
+
+app = typer.Typer(
+    name="glsd", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="Global-local self-distillation (GLSD) and self-distilled SSL (SDSSL) for Vision Transformers: "
+         "pre-train, evaluate and export backbones.")
+presets_app = typer.Typer(help="List the named recipes and show their resolved configs.", invoke_without_command=True)
+data_app = typer.Typer(help="Inspect datasets.", no_args_is_help=True)
+app.add_typer(presets_app, name="presets")
+app.add_typer(data_app, name="data")
+
+_state = {"debug": False}
+
+PresetOpt = Annotated[Optional[str], typer.Option("--preset", "-p", help="preset name (see `glsd presets`) or path to a TOML file")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override any config key: --set optim.lr=1e-3 (repeatable)")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda")]
+
+
+@app.callback()
+def _main(debug: Annotated[bool, typer.Option("--debug", help="show full tracebacks on errors")] = False) -> None:
+    _state["debug"] = debug
+
+
+# --------------------------------------------------------------------------- pretrain
+@app.command()
+def pretrain(
+    preset: PresetOpt = None,
+    data: Annotated[Optional[str], typer.Option("--data", "-d", help="training data URI or folder (see `glsd data schemes`)")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="training epochs")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="images per step, all processes together")] = None,
+    out: Annotated[Optional[str], typer.Option(help="parent folder of run directories (default: runs)")] = None,
+    name: Annotated[Optional[str], typer.Option(help="run directory name (default: preset and time)")] = None,
+    device: DeviceOpt = None,
+    seed: Annotated[Optional[int], typer.Option(help="seed of initialisation and augmentation")] = None,
+    overrides: SetOpt = None,
+    resume: Annotated[Optional[Path], typer.Option(help="continue the run in this directory from its last checkpoint")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+) -> None:
+    """Pre-train a ViT by self-distillation. With no arguments: the tiny CPU preset on the built-in data."""
+    from glsd_cli.config import DEFAULT_PRESET, resolve
+    from glsd_cli.engine.pretrain import pretrain as run_pretrain
+
+    flags = {"data.train": data, "run.epochs": epochs, "data.batch_size": batch_size, "run.out": out,
+             "run.name": name, "run.device": device, "run.seed": seed}
+    if resume is not None and (preset or any(v is not None for v in flags.values()) or overrides):
+        raise GlsdError("--resume continues a run with its saved config; drop the other options")
+    cfg = resolve(preset, overrides, flags)
+    run_dir = run_pretrain(cfg, preset or DEFAULT_PRESET, resume=resume, quiet=quiet)
+    typer.echo(f"run directory: {run_dir}")
+
+
+# --------------------------------------------------------------------------- knn-eval
+def _parse_ints(text: str, what: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise GlsdError(f"{what} must be a comma-separated list of integers, got '{text}'") from None
+
+
+@app.command("knn-eval")
+def knn_eval(
+    checkpoint: Annotated[Path, typer.Argument(help="a run directory or a .safetensors checkpoint")],
+    train_data: Annotated[Optional[str], typer.Option("--train-data", help="labelled data for the k-NN bank (default: the run's data, train split)")] = None,
+    val_data: Annotated[Optional[str], typer.Option("--val-data", help="labelled test data (default: the run's data, held-out split)")] = None,
+    k: Annotated[str, typer.Option("--k", help="neighbour counts, comma-separated")] = "10,20,100,200",
+    temperature: Annotated[float, typer.Option(help="temperature T of the exp(sim/T) vote")] = 0.07,
+    device: DeviceOpt = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="images per feature-extraction batch")] = 256,
+    random_init: Annotated[bool, typer.Option("--random-init", help="evaluate the run's network at its random initialisation instead (a baseline)")] = False,
+) -> None:
+    """k-NN accuracy (DINO's weighted vote) of the teacher backbone's CLS features."""
+    from glsd_cli.eval.knn_command import run_knn_eval
+
+    result = run_knn_eval(checkpoint, train_data, val_data, tuple(_parse_ints(k, "--k")), temperature,
+                          device, batch_size, random_init)
+    typer.echo(json.dumps(result["summary"]))
+
+
+# --------------------------------------------------------------------------- commands in their own modules
+from glsd_cli.commands import export as _export  # noqa: E402
+from glsd_cli.commands import finetune as _finetune  # noqa: E402
+from glsd_cli.commands import linear_eval as _linear_eval  # noqa: E402
+
+app.command("linear-eval")(_linear_eval.command)
+app.command("finetune")(_finetune.command)
+app.command("export")(_export.command)
+
+
+# --------------------------------------------------------------------------- presets
+@presets_app.callback()
+def presets_list(ctx: typer.Context) -> None:
+    """List the presets with one line each."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from glsd_cli.config import DEFAULT_PRESET, list_presets, preset_dict
+
+    for name in list_presets():
+        marker = " (default)" if name == DEFAULT_PRESET else ""
+        typer.echo(f"{name:<22}{preset_dict(name).get('description', '')}{marker}")
+
+
+@presets_app.command("show")
+def presets_show(
+    name: Annotated[str, typer.Argument(help="preset name or TOML path")],
+    overrides: SetOpt = None,
+) -> None:
+    """Print the resolved config of a preset (defaults + preset + overrides) as TOML-like JSON."""
+    from glsd_cli.config import resolve
+
+    typer.echo(resolve(name, overrides).to_json())
+
+
+# --------------------------------------------------------------------------- data
+@data_app.command("info")
+def data_info(uri: Annotated[str, typer.Argument(help="dataset URI or folder")],
+              split: Annotated[str, typer.Option(help="train | val | unlabelled")] = "train") -> None:
+    """Number of images and classes, image size and split of a dataset."""
+    from glsd_cli.data.sources import open_source
+
+    info = open_source(uri, split).info()
+    typer.echo(f"uri:      {info.uri}\nsplit:    {info.split}\nimages:   {info.num_images}\n"
+               f"classes:  {info.num_classes}" + (f" ({', '.join(info.classes[:10])}"
+                                                   f"{', ...' if info.num_classes > 10 else ''})" if info.classes else "")
+               + f"\nsize:     {info.image_size}")
+
+
+@data_app.command("schemes")
+def data_schemes() -> None:
+    """The dataset URI forms glsd understands."""
+    from glsd_cli.data.sources import describe_schemes
+
+    typer.echo(describe_schemes())
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except GlsdError as e:
+        if _state["debug"]:
+            raise
+        typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
+        sys.exit(2)
+    except KeyboardInterrupt as e:
+        typer.echo(f"interrupted: {e}" if str(e) else "interrupted", err=True)
+        sys.exit(130)
+    except Exception as e:  # click's own usage errors
+        import click
+
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":
+    main()

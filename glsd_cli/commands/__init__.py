@@ -1,0 +1,1 @@
+"""One module per subcommand that is more than a few lines; `glsd_cli/cli.py` registers them."""

@@ -1,0 +1,239 @@
+"""One pydantic config tree for every command.
+
+Defaults are DINO's ViT-S/16 100-epoch recipe (ALGORITHMS.md §3); presets in `presets/*.toml`
+set only what differs. Overrides: `--set section.key=value` (values parsed as TOML, else string).
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from glsd_cli.errors import ConfigError
+
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
+DEFAULT_PRESET = "tiny-dino"
+
+Auto = Literal["auto"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    arch: str = Field("vit_small_patch16_224", description="timm architecture name (created with pretrained=False)")
+    patch_size: int | None = Field(None, description="override the architecture's patch size (tiny CPU models)")
+    embed_dim: int | None = Field(None, description="override the embedding width (tiny CPU models)")
+    depth: int | None = Field(None, description="override the number of transformer blocks")
+    num_heads: int | None = Field(None, description="override the number of attention heads")
+    drop_path_rate: float = Field(0.1, ge=0, lt=1, description="stochastic depth in the student (DINO: 0.1)")
+
+
+class DataConfig(Section):
+    train: str = Field("synthetic", description="dataset URI or path used for pre-training")
+    global_crop_size: int = Field(224, gt=0, description="side of the global views in pixels")
+    local_crop_size: int = Field(96, gt=0, description="side of the local views in pixels")
+    num_local_crops: int = Field(8, ge=0, description="local views per image (DINO: 8)")
+    global_crop_scale: tuple[float, float] = Field((0.4, 1.0), description="RandomResizedCrop area scale of global views")
+    local_crop_scale: tuple[float, float] = Field((0.05, 0.4), description="RandomResizedCrop area scale of local views")
+    color_jitter: bool = Field(True, description="colour jitter, grayscale, blur and solarize (off: geometry only)")
+    batch_size: int = Field(64, gt=0, description="images per step over all processes")
+    num_workers: int = Field(2, ge=0, description="data-loading worker processes")
+    fraction: float | None = Field(None, gt=0, le=1, description="keep this fraction of each class (low-data regimes)")
+    per_class: int | None = Field(None, gt=0, description="keep this many images of each class")
+    count: int | None = Field(None, gt=0, description="keep this many images in all (stratified)")
+    classes_file: str | None = Field(None, description="a file with one class name per line to keep")
+    subset_seed: int = Field(0, description="seed of the subset selection (independent of run.seed)")
+
+
+class HeadConfig(Section):
+    out_dim: Union[int, Auto] = Field(65536, description="prototypes K of the global DINO head ('auto': from data size)")
+    hidden_dim: int = Field(2048, gt=0, description="hidden width of the head MLP")
+    bottleneck_dim: int = Field(256, gt=0, description="bottleneck before the prototype layer")
+    num_layers: int = Field(3, ge=1, description="MLP layers before the bottleneck")
+    norm_last_layer: bool = Field(True, description="fix the weight-norm gain of the prototype layer to 1")
+    freeze_last_layer_epochs: int = Field(1, ge=0, description="epochs during which the prototype layer is frozen")
+
+
+class DinoLossConfig(Section):
+    student_temp: float = Field(0.1, gt=0, description="student softmax temperature τ_s")
+    teacher_temp: Union[float, Auto] = Field(0.04, description="final teacher temperature τ_t ('auto': from data size)")
+    warmup_teacher_temp: float = Field(0.04, gt=0, description="teacher temperature at the start of its warm-up")
+    warmup_teacher_temp_epochs: int = Field(0, ge=0, description="epochs of the linear teacher-temperature warm-up")
+    center_momentum: float = Field(0.9, ge=0, lt=1, description="EMA momentum of the output centre")
+
+
+class LocalConfig(Section):
+    matching: Literal["none", "geometric", "similarity"] = Field(
+        "none", description="how patch tokens of two views are paired: none (plain DINO), geometric (GLSD), similarity (EsViT)")
+    hinge: bool = Field(True, description="geometric matching only: drop pairs farther than a token's half-diagonal")
+    weight: float = Field(0.5, ge=0, le=1, description="w in L = (1 - w)·L_global + w·L_local")
+    out_dim: Union[int, Auto] = Field(8192, description="prototypes of the dense head (iBOT uses 8192 for patch tokens)")
+    chunk_tokens: int = Field(8192, gt=0, description="tokens per chunk when computing dense logits (memory bound)")
+
+
+class SDConfig(Section):
+    enabled: bool = Field(False, description="self-distil intermediate layers toward the final layer (SDSSL)")
+    layers: list[int] | Literal["all"] = Field("all", description="0-based blocks to distil; 'all' = every block but the last")
+    ratio: float = Field(0.8, ge=0, description="r of the ramp λ(t) = r·(1 - cos(πt/T))/2")
+    predictor_only_term: bool = Field(True, description="BYOL/MoCo v3: also train every predictor on detached projections")
+
+
+class ContrastiveConfig(Section):
+    temperature: float = Field(0.2, gt=0, description="InfoNCE / NT-Xent temperature")
+    proj_hidden_dim: int = Field(4096, gt=0, description="hidden width of the final layer's projector")
+    layer_proj_hidden_dim: int = Field(2048, gt=0, description="hidden width of the intermediate layers' projectors")
+    pred_hidden_dim: int = Field(4096, gt=0, description="hidden width of the predictors (BYOL, MoCo v3)")
+    out_dim: int = Field(256, gt=0, description="projection dimension")
+    freeze_patch_embed: bool = Field(False, description="MoCo v3: keep the random patch embedding frozen")
+    sincos_pos_embed: bool = Field(False, description="MoCo v3: fixed 2-D sin-cos position embeddings")
+
+
+class MethodConfig(Section):
+    name: Literal["dino", "simclr", "byol", "mocov3"] = Field(
+        "dino", description="dino: global(-local) self-distillation; simclr/byol/mocov3: SDSSL's two-view methods")
+    loss: DinoLossConfig = Field(default_factory=DinoLossConfig)
+    local: LocalConfig = Field(default_factory=LocalConfig)
+    sd: SDConfig = Field(default_factory=SDConfig)
+    contrastive: ContrastiveConfig = Field(default_factory=ContrastiveConfig)
+
+
+class OptimConfig(Section):
+    lr: float = Field(5e-4, gt=0, description="learning rate per 256 images (scaled by batch_size/256)")
+    min_lr: float = Field(1e-6, ge=0, description="final learning rate of the cosine decay")
+    warmup_epochs: float = Field(10, ge=0, description="linear learning-rate warm-up")
+    weight_decay: float = Field(0.04, ge=0, description="weight decay at the start (cosine to weight_decay_end)")
+    weight_decay_end: float = Field(0.4, ge=0, description="weight decay at the end")
+    clip_grad: float = Field(3.0, ge=0, description="per-parameter gradient norm clip (0: off)")
+    momentum_teacher: Union[float, Auto] = Field(0.996, description="starting EMA momentum of the teacher (cosine to 1)")
+
+
+class RunConfig(Section):
+    epochs: int = Field(100, gt=0, description="training epochs")
+    seed: int = Field(0, description="seed of initialisation and augmentation")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available, else cpu")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("fp32", description="autocast precision")
+    out: str = Field("runs", description="parent folder of run directories")
+    name: str | None = Field(None, description="run directory name (default: preset name and time)")
+    checkpoint_every_steps: int = Field(0, ge=0, description="also checkpoint every N steps (0: epoch ends only)")
+    log_every_steps: int = Field(10, gt=0, description="write a metrics.jsonl line every N steps")
+    knn_monitor: bool = Field(True, description="k-NN accuracy on the held-out split at each epoch end when labels exist")
+
+
+class Config(Section):
+    description: str = Field("", description="one line shown by `glsd presets`")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    head: HeadConfig = Field(default_factory=HeadConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Config":
+        return validate(json.loads(text), source="checkpoint config")
+
+
+# ---------------------------------------------------------------- presets and overrides
+
+
+def list_presets() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(PRESETS_DIR.glob("*.toml"))}
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read preset {path}: {e.strerror}") from None
+
+
+def preset_dict(name_or_path: str) -> dict[str, Any]:
+    """The raw settings of a preset given by name (in presets/) or by a path to a TOML file."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"preset file {path} does not exist")
+        return _read_toml(path)
+    presets = list_presets()
+    if name_or_path not in presets:
+        hint = difflib.get_close_matches(name_or_path, presets, n=1)
+        did = f" Did you mean '{hint[0]}'?" if hint else ""
+        raise ConfigError(f"unknown preset '{name_or_path}'.{did} Run `glsd presets` to list them.")
+    return _read_toml(presets[name_or_path])
+
+
+def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += _known_keys(ann, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def _suggest(key: str) -> str:
+    hint = difflib.get_close_matches(key, _known_keys(Config), n=1, cutoff=0.5)
+    if not hint:
+        leaf = key.rsplit(".", 1)[-1]
+        hint = [k for k in _known_keys(Config) if k.endswith("." + leaf)][:1]
+    return f" Did you mean '{hint[0]}'?" if hint else ""
+
+
+def validate(data: dict[str, Any], source: str) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"] if not isinstance(p, int) or len(err["loc"]) == 1)
+        if err["type"] == "extra_forbidden":
+            raise ConfigError(f"{source}: unknown key '{key}'.{_suggest(key)}") from None
+        raise ConfigError(f"{source}: {key}: {err['msg']} (got {err.get('input')!r})") from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=value` → (['a', 'b'], value); the value is read as TOML when it parses, else a string."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.split("."), value
+
+
+def _set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
+    node = data
+    for part in path[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"'{'.'.join(path)}': '{part}' is a value, not a section")
+        node = nxt
+    node[path[-1]] = value
+
+
+def resolve(preset: str | None = None, overrides: list[str] | None = None,
+            flags: dict[str, Any] | None = None) -> Config:
+    """Defaults ← preset ← common flags (a dict of dotted keys) ← `--set` overrides."""
+    data = preset_dict(preset or DEFAULT_PRESET)
+    for key, value in (flags or {}).items():
+        if value is not None:
+            _set_path(data, key.split("."), value)
+    for text in overrides or []:
+        path, value = parse_override(text)
+        _set_path(data, path, value)
+    return validate(data, source=f"preset '{preset or DEFAULT_PRESET}' with overrides")

@@ -1,0 +1,93 @@
+"""Datasets of augmented views and a sampler whose order is a function of (seed, epoch).
+
+The sampler splits each global batch across processes (rank r takes its contiguous share of every
+global batch), and can start mid-epoch, so a resumed or distributed run sees exactly the images
+that one uninterrupted process would.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from glsd_cli.data.base import ImageSource
+from glsd_cli.data.multicrop import MultiCrop, sample_generator
+
+
+class ViewsDataset(Dataset):
+    """Wraps a source: item i of epoch e → its multi-crop views with boxes and flips."""
+
+    def __init__(self, source: ImageSource, transform: MultiCrop, seed: int):
+        self.source = source
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict:
+        image, label = self.source[index]
+        views, boxes, flips = self.transform(image, sample_generator(self.seed, self.epoch, index))
+        return {"views": views, "boxes": boxes, "flips": flips, "label": label, "index": index}
+
+
+class EpochSampler(Sampler[int]):
+    """Shuffled indices from (seed, epoch); this rank's share of each full global batch."""
+
+    def __init__(self, num_items: int, global_batch: int, seed: int, rank: int = 0, world: int = 1,
+                 shuffle: bool = True):
+        if global_batch % world:
+            raise ValueError(f"batch size {global_batch} must be divisible by the {world} processes")
+        self.num_items, self.global_batch, self.seed = num_items, global_batch, seed
+        self.rank, self.world, self.shuffle = rank, world, shuffle
+        self.epoch = 0
+        self.start_step = 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_items // self.global_batch
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
+
+    def global_order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.num_items))
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return torch.randperm(self.num_items, generator=gen).tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        order = self.global_order()
+        local = self.global_batch // self.world
+        for step in range(self.start_step, self.steps_per_epoch):
+            begin = step * self.global_batch + self.rank * local
+            yield from order[begin:begin + local]
+
+    def __len__(self) -> int:
+        return (self.steps_per_epoch - self.start_step) * (self.global_batch // self.world)
+
+
+def make_loader(dataset: Dataset, sampler: Sampler, local_batch: int, num_workers: int,
+                collate: Callable | None = None) -> DataLoader:
+    return DataLoader(dataset, batch_size=local_batch, sampler=sampler, num_workers=num_workers,
+                      collate_fn=collate, drop_last=True, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=False)
+
+
+class EvalDataset(Dataset):
+    """Source images through a deterministic eval transform; yields (image, label, index)."""
+
+    def __init__(self, source: ImageSource, transform: Callable[[torch.Tensor], torch.Tensor]):
+        self.source, self.transform = source, transform
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int):
+        image, label = self.source[index]
+        return self.transform(image), label, index

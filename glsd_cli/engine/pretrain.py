@@ -1,0 +1,177 @@
+"""`glsd pretrain`: config → data → method → the engine's loop → a run directory.
+
+Run directory (runs/<name>/): config.json (resolved), last.safetensors (model, optimiser, RNG and
+position; config in the metadata), metrics.jsonl, results.csv, files.txt when a subset is used.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from glsd_cli.config import Config
+from glsd_cli.data.base import ImageSource
+from glsd_cli.data.loader import EpochSampler, ViewsDataset, make_loader
+from glsd_cli.data.multicrop import MultiCrop
+from glsd_cli.engine import distributed as dist
+from glsd_cli.engine.checkpoint import CHECKPOINT_NAME, read_checkpoint
+from glsd_cli.engine.metrics import console
+from glsd_cli.engine.schedules import cosine_schedule
+from glsd_cli.engine.trainer import Trainer, param_groups, pick_device
+from glsd_cli.errors import ConfigError, DataError, GlsdError
+from glsd_cli.methods import build_method
+
+KNN_MONITOR_BANK = 10_000  # training images in the epoch-end k-NN monitor's bank, at most
+KNN_MONITOR_QUERIES = 5_000
+
+
+def open_training_source(cfg: Config, split: str = "train") -> ImageSource:
+    """The configured training data, restricted to the configured subset (low-data regimes)."""
+    from glsd_cli.data.sources import open_source
+    from glsd_cli.data.subsets import make_subset, read_class_file
+
+    source = open_source(cfg.data.train, split)
+    d = cfg.data
+    classes = read_class_file(d.classes_file) if d.classes_file else None
+    if any(v is not None for v in (d.fraction, d.per_class, d.count, classes)):
+        source = make_subset(source, fraction=d.fraction, per_class=d.per_class, count=d.count,
+                             classes=classes, seed=d.subset_seed)
+    return source
+
+
+def resolve_auto(cfg: Config, num_images: int) -> tuple[Config, dict[str, object]]:
+    """Replace every `auto` value by its dataset-size-aware default; return what was resolved."""
+    from glsd_cli.data.size_defaults import resolve_size_defaults
+
+    sizes = resolve_size_defaults(num_images)
+    cfg = cfg.model_copy(deep=True)
+    resolved: dict[str, object] = {}
+    if cfg.head.out_dim == "auto":
+        cfg.head.out_dim = resolved["head.out_dim"] = sizes["out_dim"]
+    if cfg.method.local.out_dim == "auto":
+        cfg.method.local.out_dim = resolved["method.local.out_dim"] = sizes["out_dim"]
+    if cfg.method.loss.teacher_temp == "auto":
+        cfg.method.loss.teacher_temp = resolved["method.loss.teacher_temp"] = sizes["teacher_temp"]
+    if cfg.optim.momentum_teacher == "auto":
+        cfg.optim.momentum_teacher = resolved["optim.momentum_teacher"] = sizes["momentum_teacher"]
+    return cfg, resolved
+
+
+def new_run_dir(cfg: Config, preset: str) -> Path:
+    name = cfg.run.name or f"{Path(preset).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(cfg.run.out) / name
+    if (run_dir / CHECKPOINT_NAME).exists():
+        raise ConfigError(f"run directory {run_dir} already holds a run: use --resume {run_dir} or another --name")
+    return run_dir
+
+
+def make_transform(cfg: Config) -> MultiCrop:
+    d = cfg.data
+    return MultiCrop(d.global_crop_size, d.local_crop_size, d.num_local_crops, tuple(d.global_crop_scale),
+                     tuple(d.local_crop_scale), color=d.color_jitter)
+
+
+def build_schedules(cfg: Config, method, steps_per_epoch: int) -> dict:
+    o, epochs = cfg.optim, cfg.run.epochs
+    lr = o.lr * cfg.data.batch_size / 256  # linear scaling rule (Goyal et al. 2017), as DINO
+    schedules = {
+        "lr": cosine_schedule(lr, o.min_lr, epochs, steps_per_epoch, o.warmup_epochs),
+        "weight_decay": cosine_schedule(o.weight_decay, o.weight_decay_end, epochs, steps_per_epoch),
+        "momentum": cosine_schedule(float(o.momentum_teacher), 1.0, epochs, steps_per_epoch),
+    }
+    schedules.update(method.schedules(epochs, steps_per_epoch))
+    return schedules
+
+
+def knn_monitor_hook(cfg: Config, method, device: torch.device):
+    """Epoch-end k-NN top-1 (k = 20) of the teacher on the data's held-out split, when it has one."""
+    from glsd_cli.data.sources import open_source
+    from glsd_cli.data.subsets import make_subset
+    from glsd_cli.eval.features import extract_features
+    from glsd_cli.eval.knn import knn_classify
+
+    if not cfg.run.knn_monitor:
+        return None
+    try:
+        bank, queries = open_training_source(cfg, "train"), open_source(cfg.data.train, "val")
+    except (DataError, GlsdError):
+        return None
+    if not (bank.labelled and queries.labelled):
+        return None
+    if len(bank) > KNN_MONITOR_BANK:
+        bank = make_subset(bank, count=KNN_MONITOR_BANK, seed=0)
+    if len(queries) > KNN_MONITOR_QUERIES:
+        queries = make_subset(queries, count=KNN_MONITOR_QUERIES, seed=0)
+
+    def hook(epoch: int) -> dict[str, float]:
+        if not dist.is_main_process():
+            return {}
+        size = cfg.data.global_crop_size
+        backbone = method.backbone("teacher")
+        xb, yb = extract_features(backbone, bank, size, device)
+        xq, yq = extract_features(backbone, queries, size, device)
+        res = knn_classify(xb, yb, xq, yq, len(bank.classes), ks=(20,))
+        return {"knn_top1": res[20]["top1"]}
+
+    return hook
+
+
+def pretrain(cfg: Config, preset: str, resume: Path | None = None, quiet: bool = False) -> Path:
+    device = pick_device(cfg.run.device)
+    dist.init_from_env(device)
+    if resume is not None:
+        run_dir = Path(resume)
+        _, meta = read_checkpoint(run_dir, device="cpu")
+        cfg = Config.from_json(meta["config"])
+    else:
+        run_dir = new_run_dir(cfg, preset)
+    torch.manual_seed(cfg.run.seed + dist.rank())
+
+    source = open_training_source(cfg, "train")
+    if len(source) < cfg.data.batch_size:
+        raise DataError(f"the training data has {len(source)} images, fewer than one batch of {cfg.data.batch_size}; "
+                        "lower --batch-size")
+    cfg, resolved = resolve_auto(cfg, len(source))
+    if resolved and not quiet and dist.is_main_process():
+        console.print("size-aware values for " + f"{len(source)} images: " +
+                      ", ".join(f"{k} = {v}" for k, v in resolved.items()))
+    if dist.is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(cfg.to_json())
+        if hasattr(source, "indices"):
+            from glsd_cli.data.subsets import save_file_list
+
+            save_file_list(source, run_dir / "files.txt")
+
+    method = build_method(cfg).to(device)
+    world = dist.world_size()
+    if world > 1 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in method.modules()):
+        method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+    sampler = EpochSampler(len(source), cfg.data.batch_size, cfg.run.seed, dist.rank(), world)
+    dataset = ViewsDataset(source, make_method_transform(cfg, method), cfg.run.seed)
+    optimizer = torch.optim.AdamW(param_groups(method.trainable_modules()), lr=0.0)
+    trainer = Trainer(task=method, optimizer=optimizer, schedules=build_schedules(cfg, method, sampler.steps_per_epoch),
+                      epochs=cfg.run.epochs, steps_per_epoch=sampler.steps_per_epoch, run_dir=run_dir, device=device,
+                      config_json=cfg.to_json(), precision=cfg.run.precision, clip_grad=cfg.optim.clip_grad,
+                      checkpoint_every_steps=cfg.run.checkpoint_every_steps, log_every_steps=cfg.run.log_every_steps,
+                      epoch_end_hook=knn_monitor_hook(cfg, method, device), quiet=quiet)
+    if resume is not None:
+        trainer.resume(run_dir)
+
+    def make_epoch_loader(epoch: int, start_step: int):
+        sampler.set_epoch(epoch, start_step)
+        dataset.set_epoch(epoch)
+        return make_loader(dataset, sampler, cfg.data.batch_size // world, cfg.data.num_workers)
+
+    trainer.fit(make_epoch_loader)
+    if dist.is_main_process():
+        (run_dir / "done.json").write_text(json.dumps({"epochs": cfg.run.epochs, "steps": trainer.state.global_step}))
+    return run_dir
+
+
+def make_method_transform(cfg: Config, method) -> MultiCrop:
+    """Methods may ask for their own views (two-view SDSSL methods); DINO-family methods use multi-crop."""
+    custom = getattr(method, "make_transform", None)
+    return custom() if custom is not None else make_transform(cfg)

@@ -1,0 +1,140 @@
+"""Global-local self-distillation: DINO's global loss plus the local loss between patch tokens.
+
+`method.local.matching`:
+- "none": plain DINO (Caron et al. 2021);
+- "geometric": GLSD (Lebailly & Tuytelaars 2023) — tokens paired by their position in the image;
+- "similarity": EsViT's region loss (Li et al. 2022) — tokens paired by feature similarity.
+L = (1 − w)·L_global + w·L_local (ALGORITHMS.md §3).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from glsd_cli.config import Config
+from glsd_cli.engine.schedules import teacher_temp_schedule
+from glsd_cli.losses.dino import DINOLoss
+from glsd_cli.methods.base import Method, StepContext, copy_as_teacher
+from glsd_cli.models.backbone import Backbone, TokenOutput
+from glsd_cli.models.heads import DINOHead
+
+NUM_GLOBAL = 2
+
+
+def _as_int(value, name: str) -> int:
+    if not isinstance(value, int):
+        raise ValueError(f"{name} must be resolved to an integer before building the model (got {value!r})")
+    return value
+
+
+class GlobalLocalDistillation(Method):
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        h, loc = cfg.head, cfg.method.local
+        self.local_on = loc.matching != "none"
+
+        def modules(drop_path: float) -> nn.ModuleDict:
+            backbone = Backbone(cfg.model, cfg.data.global_crop_size, drop_path)
+            mods = {"backbone": backbone,
+                    "head": DINOHead(backbone.embed_dim, _as_int(h.out_dim, "head.out_dim"), h.hidden_dim,
+                                     h.bottleneck_dim, h.num_layers, h.norm_last_layer)}
+            if self.local_on:
+                mods["dense_head"] = DINOHead(backbone.embed_dim, _as_int(loc.out_dim, "method.local.out_dim"),
+                                              h.hidden_dim, h.bottleneck_dim, h.num_layers, h.norm_last_layer)
+            return nn.ModuleDict(mods)
+
+        self.student = modules(cfg.model.drop_path_rate)
+        self.teacher = copy_as_teacher(self.student, modules(0.0))
+        lc = cfg.method.loss
+        self.dino_loss = DINOLoss(_as_int(h.out_dim, "head.out_dim"), lc.student_temp, lc.center_momentum)
+        if self.local_on:
+            from glsd_cli.losses.local import LocalDistillationLoss
+
+            self.local_loss = LocalDistillationLoss(loc.out_dim, lc.student_temp, lc.center_momentum,
+                                                    chunk_tokens=loc.chunk_tokens)
+
+    # ------------------------------------------------------------------ schedules and freezing
+    def schedules(self, epochs: int, steps_per_epoch: int) -> dict:
+        lc = self.cfg.method.loss
+        return {"teacher_temp": teacher_temp_schedule(lc.warmup_teacher_temp, float(lc.teacher_temp),
+                                                      lc.warmup_teacher_temp_epochs, epochs, steps_per_epoch)}
+
+    def frozen_parameters(self, ctx: StepContext) -> list[nn.Parameter]:
+        if ctx.epoch >= self.cfg.head.freeze_last_layer_epochs:
+            return []
+        params = self.student["head"].last_layer_parameters()
+        if self.local_on:
+            params += self.student["dense_head"].last_layer_parameters()
+        return params
+
+    # ------------------------------------------------------------------ the step
+    def _student_forward(self, views: list[torch.Tensor]) -> list[TokenOutput]:
+        """One backbone forward per resolution (globals together, locals together), split per view."""
+        outs: list[TokenOutput] = []
+        groups = [views[:NUM_GLOBAL], views[NUM_GLOBAL:]]
+        for group in groups:
+            if not group:
+                continue
+            tok = self.student["backbone"].forward_tokens(torch.cat(group))
+            for cls, patches in zip(tok.cls.chunk(len(group)), tok.patches.chunk(len(group))):
+                outs.append(TokenOutput(cls, patches, tok.grid))
+        return outs
+
+    def training_step(self, batch: dict, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
+        views: list[torch.Tensor] = batch["views"]
+        temp = ctx.values["teacher_temp"]
+        with torch.no_grad():
+            t_tok = self.teacher["backbone"].forward_tokens(torch.cat(views[:NUM_GLOBAL]))
+            t_logits = list(self.teacher["head"](t_tok.cls).chunk(NUM_GLOBAL))
+        s_out = self._student_forward(views)
+        s_logits = list(self.student["head"](torch.cat([o.cls for o in s_out])).split([len(v) for v in views]))
+        loss_global = self.dino_loss(s_logits, t_logits, temp)
+        metrics = {"loss_global": loss_global.item()}
+        loss = loss_global
+        if self.local_on:
+            loss_local, local_stats, t_z = self._local_term(batch, s_out, t_tok, temp)
+            w = self.cfg.method.local.weight
+            loss = (1 - w) * loss_global + w * loss_local
+            metrics["loss_local"] = loss_local.item()
+            metrics.update(local_stats)
+        # Centres move after the loss, from this step's teacher outputs (DINO's order).
+        self._pending_center = (t_logits, t_z if self.local_on else None)
+        metrics["loss"] = loss.item()
+        return loss, metrics
+
+    def _local_term(self, batch: dict, s_out: list[TokenOutput], t_tok: TokenOutput, temp: float):
+        from glsd_cli.geometry import match_geometric
+        from glsd_cli.losses.local import match_similarity
+
+        loc = self.cfg.method.local
+        dense_s, dense_t = self.student["dense_head"], self.teacher["dense_head"]
+        # Patch tokens of each resolution go through the dense bottleneck in one call.
+        s_z: list[torch.Tensor] = []
+        for group in (s_out[:NUM_GLOBAL], s_out[NUM_GLOBAL:]):
+            if group:
+                z = dense_s.forward_bottleneck(torch.cat([o.patches for o in group]))
+                s_z += list(z.chunk(len(group)))
+        with torch.no_grad():
+            t_patches = list(t_tok.patches.chunk(NUM_GLOBAL))
+            t_z = list(dense_t.forward_bottleneck(t_tok.patches).chunk(NUM_GLOBAL))
+        boxes, flips = batch["boxes"], batch["flips"]
+        matches = {}
+        for t in range(NUM_GLOBAL):
+            for s in range(len(s_out)):
+                if s == t:
+                    continue
+                if loc.matching == "geometric":
+                    matches[(t, s)] = match_geometric(boxes[:, s], flips[:, s], s_out[s].grid,
+                                                      boxes[:, t], flips[:, t], t_tok.grid, hinge=loc.hinge)
+                else:
+                    matches[(t, s)] = (match_similarity(s_out[s].patches.detach(), t_patches[t]), None)
+        loss, stats = self.local_loss(s_z, t_z, dense_s.last_layer, dense_t.last_layer, matches, temp)
+        return loss, stats, t_z
+
+    def after_step(self, ctx: StepContext) -> None:
+        t_logits, t_z = self._pending_center
+        self.dino_loss.update_center(t_logits)
+        if t_z is not None:
+            self.local_loss.update_center(t_z, self.teacher["dense_head"].last_layer)
+        self._pending_center = None
+        super().after_step(ctx)

@@ -1,0 +1,68 @@
+import json
+
+import pytest
+
+from glsd_cli.config import Config, list_presets, parse_override, resolve
+from glsd_cli.errors import ConfigError
+from tests.cli_helpers import run_cli
+
+
+def test_every_preset_validates():
+    assert {"tiny-dino", "vits16-dino"} <= set(list_presets())
+    for name in list_presets():
+        cfg = resolve(name)
+        assert isinstance(cfg, Config)
+
+
+def test_vits16_dino_is_the_paper_recipe():
+    cfg = resolve("vits16-dino")
+    assert cfg.model.arch == "vit_small_patch16_224" and cfg.head.out_dim == 65536
+    assert (cfg.data.global_crop_size, cfg.data.local_crop_size, cfg.data.num_local_crops) == (224, 96, 8)
+    assert cfg.optim.lr == 5e-4 and cfg.optim.warmup_epochs == 10 and cfg.run.epochs == 100
+    assert cfg.method.loss.teacher_temp == 0.04 and cfg.optim.clip_grad == 3.0
+    assert cfg.method.local.matching == "none"
+
+
+def test_overrides_parse_toml_values():
+    assert parse_override("optim.lr=1e-3") == (["optim", "lr"], 1e-3)
+    assert parse_override("data.train=synthetic") == (["data", "train"], "synthetic")
+    assert parse_override("data.global_crop_scale=[0.3, 1.0]") == (["data", "global_crop_scale"], [0.3, 1.0])
+    cfg = resolve("tiny-dino", ["optim.lr=0.01", "run.epochs=3"], {"data.batch_size": 8})
+    assert cfg.optim.lr == 0.01 and cfg.run.epochs == 3 and cfg.data.batch_size == 8
+
+
+def test_unknown_key_suggests_the_right_one():
+    with pytest.raises(ConfigError, match="unknown key 'optim.learning_rate'.*Did you mean"):
+        resolve("tiny-dino", ["optim.learning_rate=1"])
+    with pytest.raises(ConfigError, match="Did you mean 'optim.warmup_epochs'"):
+        resolve("tiny-dino", ["optim.warmup_epoch=1"])
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["pretrain", "--set", "optim.lrr=1"], "unknown key 'optim.lrr'. Did you mean 'optim.lr'?"),
+    (["pretrain", "--set", "run.epochs=many"], "run.epochs"),
+    (["pretrain", "--preset", "vits16-dinoo"], "unknown preset 'vits16-dinoo'. Did you mean 'vits16-dino'?"),
+    (["pretrain", "--data", "/no/such/folder"], "does not exist"),
+    (["presets", "show", "nope"], "unknown preset"),
+    (["knn-eval", "/no/such/run"], "does not exist"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, needle, capsys, tmp_path):
+    code, out, err = run_cli(args + (["--out", str(tmp_path)] if args[0] == "pretrain" else []), capsys)
+    assert code == 2
+    assert needle in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err + out
+
+
+def test_presets_list_and_show(capsys):
+    code, out, _ = run_cli(["presets"], capsys)
+    assert code == 0 and "tiny-dino" in out and "(default)" in out
+    code, out, _ = run_cli(["presets", "show", "vits16-dino", "--set", "run.epochs=300"], capsys)
+    assert code == 0 and json.loads(out)["run"]["epochs"] == 300
+
+
+def test_help_lists_every_subcommand(capsys):
+    code, out, _ = run_cli(["--help"], capsys)
+    assert code == 0
+    for name in ("pretrain", "linear-eval", "knn-eval", "finetune", "export", "presets"):
+        assert name in out
