@@ -117,12 +117,18 @@ class RunConfig(Section):
     epochs: int = Field(100, gt=0, description="training epochs")
     seed: int = Field(0, description="seed of initialisation and augmentation")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available, else cpu")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("fp32", description="autocast precision")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "fp32", description="autocast precision; auto: bf16 on AMX/AVX512-BF16 CPUs and Ampere+ GPUs, fp16 on older GPUs, else fp32")
     out: str = Field("runs", description="parent folder of run directories")
     name: str | None = Field(None, description="run directory name (default: preset name and time)")
     checkpoint_every_steps: int = Field(0, ge=0, description="also checkpoint every N steps (0: epoch ends only)")
     log_every_steps: int = Field(10, gt=0, description="write a metrics.jsonl line every N steps")
     knn_monitor: bool = Field(True, description="k-NN accuracy on the held-out split at each epoch end when labels exist")
+    grad_accum_steps: int = Field(1, ge=1, description="micro-batches per optimiser step; data.batch_size is split among them")
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="non-finite loss or gradient: stop (last good checkpoint kept) or skip the step and count it")
+    max_bad_image_fraction: float = Field(0.01, ge=0, le=1, description="unreadable images tolerated per epoch before the run stops")
+    compile: bool = Field(False, description="torch.compile the transformer blocks (faster steps after a slow first one)")
 
 
 class Config(Section):
@@ -158,8 +164,28 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read preset {path}: {e.strerror}") from None
 
 
-def preset_dict(name_or_path: str) -> dict[str, Any]:
-    """The raw settings of a preset given by name (in presets/) or by a path to a TOML file."""
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def preset_dict(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The settings of a preset given by name (in presets/) or by a path to a TOML file.
+
+    A preset may start from another with `extends = "NAME"`: its own keys override the base's.
+    """
+    data = _preset_file_dict(name_or_path)
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    if base in _seen:
+        raise ConfigError(f"preset '{name_or_path}' extends itself through {' -> '.join(_seen + (base,))}")
+    return _merge(preset_dict(base, _seen + (name_or_path,)), data)
+
+
+def _preset_file_dict(name_or_path: str) -> dict[str, Any]:
     path = Path(name_or_path)
     if path.suffix == ".toml" or path.exists():
         if not path.is_file():

@@ -46,4 +46,5 @@ class DINOHead(nn.Module):
         return self.last_layer(self.forward_bottleneck(x))
 
     def last_layer_parameters(self) -> list[nn.Parameter]:
-        return list(self.last_layer.parameters())
+        """The trainable parameters of the prototype layer (frozen during the first epoch(s))."""
+        return [p for p in self.last_layer.parameters() if p.requires_grad]

@@ -1,0 +1,69 @@
+"""The global-local method: local term wiring, gradients, one backbone forward per resolution."""
+import pytest
+import torch
+from torch.utils.data import default_collate
+
+from glsd_cli.config import resolve
+from glsd_cli.data.loader import ViewsDataset
+from glsd_cli.engine.pretrain import make_transform, open_training_source, resolve_auto
+from glsd_cli.methods import StepContext, build_method
+from tests.conftest import TINY_OVERRIDES
+
+
+def _setup(matching, extra=()):
+    cfg = resolve("tiny-dino", TINY_OVERRIDES + [f'method.local.matching="{matching}"', *extra])
+    source = open_training_source(cfg)
+    cfg, _ = resolve_auto(cfg, len(source))
+    method = build_method(cfg)
+    batch = default_collate([ViewsDataset(source, make_transform(cfg), 0)[i] for i in range(4)])
+    ctx = StepContext(epoch=1, step=0, total_steps=10, values={"teacher_temp": 0.04, "momentum": 0.99})
+    return cfg, method, batch, ctx
+
+
+@pytest.mark.parametrize("matching", ["geometric", "similarity"])
+def test_local_term_is_weighted_and_teacher_gets_no_gradient(matching):
+    cfg, method, batch, ctx = _setup(matching, ["method.local.weight=0.3"])
+    loss, metrics = method.training_step(batch, ctx)
+    w = 0.3
+    assert loss.item() == pytest.approx((1 - w) * metrics["loss_global"] + w * metrics["loss_local"], rel=1e-5)
+    assert 0 < metrics["local_valid_fraction"] <= 1
+    if matching == "similarity":
+        assert metrics["local_valid_fraction"] == 1.0
+    loss.backward()
+    assert all(p.grad is None for p in method.teacher.parameters())
+    assert method.student["dense_head"].mlp[0].weight.grad.abs().sum() > 0
+    assert method.student["backbone"].model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_no_local_loss_is_plain_dino():
+    _, method, batch, ctx = _setup("none")
+    loss, metrics = method.training_step(batch, ctx)
+    assert "dense_head" not in method.student and "loss_local" not in metrics
+    assert loss.item() == metrics["loss_global"]
+
+
+def test_one_student_forward_per_resolution(monkeypatch):
+    _, method, batch, ctx = _setup("geometric")
+    calls = []
+    real = method.student["backbone"].forward_tokens
+    monkeypatch.setattr(method.student["backbone"], "forward_tokens", lambda x: calls.append(x.shape) or real(x))
+    method.training_step(batch, ctx)
+    assert [tuple(s[-2:]) for s in calls] == [(16, 16), (8, 8)]
+    assert calls[0][0] == 2 * 4 and calls[1][0] == 2 * 4  # 2 globals, 2 locals, batch 4
+
+
+def test_centres_move_after_step():
+    _, method, batch, ctx = _setup("geometric")
+    before = (method.dino_loss.center.clone(), method.local_loss.center.clone())
+    method.training_step(batch, ctx)
+    assert torch.equal(method.dino_loss.center, before[0])  # unchanged until after_step
+    method.after_step(ctx)
+    assert not torch.equal(method.dino_loss.center, before[0])
+    assert not torch.equal(method.local_loss.center, before[1])
+
+
+def test_prototype_layers_frozen_in_first_epoch():
+    _, method, _, _ = _setup("geometric")
+    frozen = method.frozen_parameters(StepContext(0, 0, 10))
+    assert len(frozen) == 2 and all(p.ndim == 2 for p in frozen)  # the two weight-norm directions
+    assert method.frozen_parameters(StepContext(1, 5, 10)) == []
