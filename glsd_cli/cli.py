@@ -42,6 +42,7 @@ def pretrain(
     name: Annotated[Optional[str], typer.Option(help="run directory name (default: preset and time)")] = None,
     device: DeviceOpt = None,
     seed: Annotated[Optional[int], typer.Option(help="seed of initialisation and augmentation")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="auto | fp32 | bf16 | fp16 (autocast)")] = None,
     overrides: SetOpt = None,
     resume: Annotated[Optional[Path], typer.Option(help="continue the run in this directory from its last checkpoint")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
@@ -51,7 +52,7 @@ def pretrain(
     from glsd_cli.engine.pretrain import pretrain as run_pretrain
 
     flags = {"data.train": data, "run.epochs": epochs, "data.batch_size": batch_size, "run.out": out,
-             "run.name": name, "run.device": device, "run.seed": seed}
+             "run.name": name, "run.device": device, "run.seed": seed, "run.precision": precision}
     if resume is not None and (preset or any(v is not None for v in flags.values()) or overrides):
         raise GlsdError("--resume continues a run with its saved config; drop the other options")
     cfg = resolve(preset, overrides, flags)

@@ -2,17 +2,21 @@
 
 The sampler splits each global batch across processes (rank r takes its contiguous share of every
 global batch), and can start mid-epoch, so a resumed or distributed run sees exactly the images
-that one uninterrupted process would.
+that one uninterrupted process would. Nothing here draws from the global torch RNG: the views of
+item i in epoch e come from a generator seeded by (seed, e, i), and the loader gets its own
+generator, so the training RNG (drop path) is the same whether or not a run was interrupted.
 """
 from __future__ import annotations
 
+import signal
 from typing import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from glsd_cli.data.base import ImageSource
+from glsd_cli.data.base import ImageSource, SubsetSource
 from glsd_cli.data.multicrop import MultiCrop, sample_generator
+from glsd_cli.errors import ConfigError
 
 
 class ViewsDataset(Dataset):
@@ -33,7 +37,17 @@ class ViewsDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         image, label = self.source[index]
         views, boxes, flips = self.transform(image, sample_generator(self.seed, self.epoch, index))
-        return {"views": views, "boxes": boxes, "flips": flips, "label": label, "index": index}
+        return {"views": views, "boxes": boxes, "flips": flips, "label": label, "index": index,
+                "unreadable": _was_unreadable(self.source, index)}
+
+
+def _was_unreadable(source: ImageSource, index: int) -> bool:
+    """Whether item `index` could not be decoded (a folder source then returned the next readable
+    image). Decided per item, not from a counter, so it is the same in any worker or process."""
+    while isinstance(source, SubsetSource):
+        source, index = source.base, source.indices[index]
+    bad = getattr(source, "unreadable_paths", None)
+    return bool(bad) and str(source.paths[index]) in bad
 
 
 class EpochSampler(Sampler[int]):
@@ -42,7 +56,7 @@ class EpochSampler(Sampler[int]):
     def __init__(self, num_items: int, global_batch: int, seed: int, rank: int = 0, world: int = 1,
                  shuffle: bool = True):
         if global_batch % world:
-            raise ValueError(f"batch size {global_batch} must be divisible by the {world} processes")
+            raise ConfigError(f"data.batch_size {global_batch} must be divisible by the {world} processes")
         self.num_items, self.global_batch, self.seed = num_items, global_batch, seed
         self.rank, self.world, self.shuffle = rank, world, shuffle
         self.epoch = 0
@@ -73,10 +87,19 @@ class EpochSampler(Sampler[int]):
 
 
 def make_loader(dataset: Dataset, sampler: Sampler, local_batch: int, num_workers: int,
-                collate: Callable | None = None) -> DataLoader:
+                collate: Callable | None = None, seed: int = 0) -> DataLoader:
+    """A DataLoader that leaves the global torch RNG alone: the DataLoader draws its workers' base
+    seed from `generator`, which would otherwise be the global one (and shift drop path on resume)."""
     return DataLoader(dataset, batch_size=local_batch, sampler=sampler, num_workers=num_workers,
                       collate_fn=collate, drop_last=True, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=False)
+                      persistent_workers=False, generator=torch.Generator().manual_seed(seed),
+                      worker_init_fn=_ignore_interrupts if num_workers > 0 else None)
+
+
+def _ignore_interrupts(worker_id: int) -> None:  # noqa: ARG001
+    # Ctrl-C reaches the whole process group. Workers must not die of it: the main process
+    # finishes its step, saves a checkpoint and then shuts them down itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class EvalDataset(Dataset):

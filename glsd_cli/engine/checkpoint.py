@@ -3,9 +3,10 @@
 Layout of a training checkpoint:
     tensors   model/<key>            the task's state_dict (student, teacher, heads, centres)
               optim/<param>/<name>   optimiser state per parameter index
-              rng/<name>             RNG states (torch CPU, CUDA)
+              rng/<name>             RNG states (torch CPU, CUDA) of rank 0; rng/rankR/<name> of rank R
     metadata  format = glsd-checkpoint-v1, kind = pretrain|linear|finetune|export-*, config (JSON),
-              position (JSON: epoch, step in epoch, global step), optim_groups (JSON hyper-parameters)
+              position (JSON: epoch, step in epoch, global step, skipped steps, the epoch's running
+              metric sums), optim_groups (JSON hyper-parameters), grad_scaler (JSON, fp16 only)
 A checkpoint alone rebuilds its model: the resolved config travels in its metadata.
 """
 from __future__ import annotations
@@ -19,22 +20,39 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
+from glsd_cli.engine import distributed as dist
 from glsd_cli.errors import CheckpointError
 
 FORMAT = "glsd-checkpoint-v1"
 CHECKPOINT_NAME = "last.safetensors"
 
 
+TMP_MARKER = ".tmp-"
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}{TMP_MARKER}{os.getpid()}")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, rename: readers never see half a file."""
+    """Write to a temporary file in the same folder, fsync, rename: readers never see half a file.
+
+    If anything fails before the rename, the temporary file is removed and the previous file at
+    `path` is untouched; a writer killed outright leaves only a hidden `.NAME.tmp-PID` behind,
+    which `remove_stale_temporaries` clears on the next resume.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     try:  # persist the rename itself
         fd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -43,6 +61,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.close(fd)
     except OSError:
         pass
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Delete half-written `.NAME.tmp-PID` files that a killed writer left next to `path`."""
+    path = Path(path)
+    stale = [p for p in path.parent.glob(f".{path.name}{TMP_MARKER}*") if p != _tmp_name(path)]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -153,17 +180,33 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
 
 
 def rng_tensors() -> dict[str, torch.Tensor]:
-    out = {"rng/torch": torch.get_rng_state()}
+    """RNG states of every process: `rng/torch` (and `rng/cudaI`) for rank 0 or a single process,
+    `rng/rankR/torch` (and `rng/rankR/cuda`) for the other ranks. Collective under torchrun."""
+    states = dist.gather_cpu_tensors(torch.get_rng_state())
+    out = {"rng/torch": states[0]}
+    out.update({f"rng/rank{r}/torch": s for r, s in enumerate(states[1:], 1)})
     if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            out[f"rng/cuda{i}"] = s
+        if dist.is_distributed():  # each process drives one device: its current one
+            cuda = dist.gather_cpu_tensors(torch.cuda.get_rng_state())
+            out.update({("rng/cuda" if r == 0 else f"rng/rank{r}/cuda"): s for r, s in enumerate(cuda)})
+        else:
+            out.update({f"rng/cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     return out
 
 
 def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
-    if "rng/torch" in tensors:
-        torch.set_rng_state(tensors["rng/torch"].to("cpu", torch.uint8))
-    if torch.cuda.is_available():
-        states = [tensors[f"rng/cuda{i}"] for i in range(torch.cuda.device_count()) if f"rng/cuda{i}" in tensors]
-        if states:
-            torch.cuda.set_rng_state_all([s.to("cpu", torch.uint8) for s in states])
+    """Restore this process's RNG states. A rank the checkpoint has no state for (the run was
+    started with fewer processes) keeps its freshly seeded generator."""
+    r = dist.rank()
+    prefix = "rng/" if r == 0 else f"rng/rank{r}/"
+    if prefix + "torch" in tensors:
+        torch.set_rng_state(tensors[prefix + "torch"].to("cpu", torch.uint8))
+    if not torch.cuda.is_available():
+        return
+    if dist.is_distributed():
+        if prefix + "cuda" in tensors:
+            torch.cuda.set_rng_state(tensors[prefix + "cuda"].to("cpu", torch.uint8))
+        return
+    states = [tensors[f"rng/cuda{i}"] for i in range(torch.cuda.device_count()) if f"rng/cuda{i}" in tensors]
+    if states:
+        torch.cuda.set_rng_state_all([s.to("cpu", torch.uint8) for s in states])

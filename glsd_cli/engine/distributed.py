@@ -46,6 +46,45 @@ def barrier() -> None:
         dist.barrier()
 
 
+def _comm_device() -> torch.device:
+    """NCCL moves only CUDA tensors; gloo only CPU ones."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+@torch.no_grad()
+def all_reduce_sum_cpu(x: torch.Tensor) -> torch.Tensor:
+    """Sum of a small CPU tensor over processes, returned on the CPU whatever the backend."""
+    if not is_distributed():
+        return x
+    y = x.to(_comm_device())
+    dist.all_reduce(y)
+    return y.cpu()
+
+
+@torch.no_grad()
+def gather_cpu_tensors(x: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's copy of `x` (same shape and dtype everywhere), as CPU tensors in rank order."""
+    if not is_distributed():
+        return [x]
+    y = x.to(_comm_device())
+    out = [torch.empty_like(y) for _ in range(world_size())]
+    dist.all_gather(out, y)
+    return [o.cpu() for o in out]
+
+
+@torch.no_grad()
+def broadcast_module(module: torch.nn.Module) -> None:
+    """Copy rank 0's parameters and buffers to every rank (what DDP does at construction), so that
+    no initialisation difference between processes can survive into training."""
+    if not is_distributed():
+        return
+    device = _comm_device()
+    for t in list(module.parameters()) + list(module.buffers()):
+        y = t.data.to(device)
+        dist.broadcast(y, src=0)
+        t.data.copy_(y)
+
+
 @torch.no_grad()
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean of `x` over processes (returns a new tensor; `x` is left untouched)."""

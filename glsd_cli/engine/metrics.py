@@ -20,6 +20,19 @@ class MetricsLog:
         self.jsonl = self.run_dir / "metrics.jsonl"
         self.csv = self.run_dir / "results.csv"
 
+    def truncate_after(self, step: int) -> None:
+        """Drop the step lines past `step`: a resumed run redoes those steps and logs them again."""
+        if not self.jsonl.exists():
+            return
+        kept = []
+        for line in self.jsonl.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:  # a line cut short by the kill
+                continue
+        self.jsonl.write_text("".join(k + "\n" for k in kept))
+
     def step(self, record: dict) -> None:
         with open(self.jsonl, "a") as f:
             f.write(json.dumps(_round(record)) + "\n")

@@ -1,7 +1,8 @@
 """`glsd pretrain`: config → data → method → the engine's loop → a run directory.
 
 Run directory (runs/<name>/): config.json (resolved), last.safetensors (model, optimiser, RNG and
-position; config in the metadata), metrics.jsonl, results.csv, files.txt when a subset is used.
+position; config in the metadata), metrics.jsonl, results.csv, results.png, files.txt when a subset
+is used, done.json once finished. Under torchrun every process runs this; rank 0 writes the files.
 """
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ from glsd_cli.engine import distributed as dist
 from glsd_cli.engine.checkpoint import CHECKPOINT_NAME, read_checkpoint
 from glsd_cli.engine.metrics import console
 from glsd_cli.engine.schedules import cosine_schedule
-from glsd_cli.engine.trainer import Trainer, param_groups, pick_device
+from glsd_cli.engine.optim import param_groups
+from glsd_cli.engine.precision import autocast_dtype, describe, pick_device
+from glsd_cli.engine.trainer import Trainer
 from glsd_cli.errors import ConfigError, DataError, GlsdError
 from glsd_cli.methods import build_method
 
@@ -127,28 +130,40 @@ def pretrain(cfg: Config, preset: str, resume: Path | None = None, quiet: bool =
         cfg = Config.from_json(meta["config"])
     else:
         run_dir = new_run_dir(cfg, preset)
-    torch.manual_seed(cfg.run.seed + dist.rank())
+    world, accum = dist.world_size(), cfg.run.grad_accum_steps
+    if cfg.data.batch_size % (world * accum):
+        raise ConfigError(f"data.batch_size {cfg.data.batch_size} must be divisible by the {world} process(es) × "
+                          f"run.grad_accum_steps {accum}")
+    main = dist.is_main_process()
 
     source = open_training_source(cfg, "train")
+    _set_bad_image_tolerance(source, cfg.run.max_bad_image_fraction)
     if len(source) < cfg.data.batch_size:
         raise DataError(f"the training data has {len(source)} images, fewer than one batch of {cfg.data.batch_size}; "
                         "lower --batch-size")
     cfg, resolved = resolve_auto(cfg, len(source))
-    if resolved and not quiet and dist.is_main_process():
+    if resolved and not quiet and main:
         console.print("size-aware values for " + f"{len(source)} images: " +
                       ", ".join(f"{k} = {v}" for k, v in resolved.items()))
-    if dist.is_main_process():
+    if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(cfg.to_json())
         if hasattr(source, "indices"):
             from glsd_cli.data.subsets import save_file_list
 
             save_file_list(source, run_dir / "files.txt")
+    dist.barrier()
 
+    # The same seed on every process for the initialisation (and rank 0's weights broadcast, as DDP
+    # does); then one RNG stream per process for what differs by design (drop path on its images).
+    torch.manual_seed(cfg.run.seed)
     method = build_method(cfg).to(device)
-    world = dist.world_size()
     if world > 1 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in method.modules()):
         method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+    dist.broadcast_module(method)
+    torch.manual_seed(cfg.run.seed + 1 + dist.rank())
+    if cfg.run.compile:
+        _compile_backbones(method)
     sampler = EpochSampler(len(source), cfg.data.batch_size, cfg.run.seed, dist.rank(), world)
     dataset = ViewsDataset(source, make_method_transform(cfg, method), cfg.run.seed)
     optimizer = torch.optim.AdamW(param_groups(method.trainable_modules()), lr=0.0)
@@ -156,19 +171,45 @@ def pretrain(cfg: Config, preset: str, resume: Path | None = None, quiet: bool =
                       epochs=cfg.run.epochs, steps_per_epoch=sampler.steps_per_epoch, run_dir=run_dir, device=device,
                       config_json=cfg.to_json(), precision=cfg.run.precision, clip_grad=cfg.optim.clip_grad,
                       checkpoint_every_steps=cfg.run.checkpoint_every_steps, log_every_steps=cfg.run.log_every_steps,
-                      epoch_end_hook=knn_monitor_hook(cfg, method, device), quiet=quiet)
+                      epoch_end_hook=knn_monitor_hook(cfg, method, device), quiet=quiet, accum_steps=accum,
+                      on_nonfinite=cfg.run.on_nonfinite, max_bad_fraction=cfg.run.max_bad_image_fraction)
     if resume is not None:
         trainer.resume(run_dir)
+    if not quiet and main:
+        where = f"{world} processes ({'NCCL' if device.type == 'cuda' else 'gloo'})" if world > 1 else str(device)
+        console.print(f"training on {where}, precision {describe(autocast_dtype(cfg.run.precision, device))}"
+                      + (f", resuming at step {trainer.state.global_step}" if resume is not None else ""))
 
     def make_epoch_loader(epoch: int, start_step: int):
         sampler.set_epoch(epoch, start_step)
         dataset.set_epoch(epoch)
-        return make_loader(dataset, sampler, cfg.data.batch_size // world, cfg.data.num_workers)
+        return make_loader(dataset, sampler, cfg.data.batch_size // (world * accum), cfg.data.num_workers,
+                           seed=cfg.run.seed + epoch)
 
     trainer.fit(make_epoch_loader)
-    if dist.is_main_process():
+    if main:
         (run_dir / "done.json").write_text(json.dumps({"epochs": cfg.run.epochs, "steps": trainer.state.global_step}))
     return run_dir
+
+
+def _set_bad_image_tolerance(source: ImageSource, fraction: float) -> None:
+    """Pass run.max_bad_image_fraction down to the folder source under any subset wrappers."""
+    while source is not None:
+        if hasattr(source, "max_bad_fraction"):
+            source.max_bad_fraction = fraction
+        source = getattr(source, "base", None)
+
+
+def _compile_backbones(method: torch.nn.Module) -> None:
+    """torch.compile each transformer block in place (state_dict keys unchanged, so checkpoints and
+    resume are unaffected); blocks share their code, so one compiled graph serves them all."""
+    from glsd_cli.models.backbone import Backbone
+
+    for module in method.modules():
+        if isinstance(module, Backbone):
+            blocks = getattr(module.model, "blocks", None) or getattr(module.model, "layers", None) or []
+            for block in blocks:
+                block.compile()
 
 
 def make_method_transform(cfg: Config, method) -> MultiCrop:

@@ -1,9 +1,11 @@
 """The one training loop: pre-training, linear evaluation and fine-tuning all run through it.
 
-Per iteration: scheduled lr / weight decay → forward under autocast → backward → per-parameter
-gradient clipping (DINO) → drop frozen gradients → optimiser step → `task.after_step` (EMA, centres).
-Logs to metrics.jsonl every N steps and results.csv every epoch; checkpoints atomically at epoch
-ends, every N steps and on SIGINT/SIGTERM; resumes from the last checkpoint exactly.
+Per optimiser step: scheduled lr / weight decay → for each of `accum_steps` micro-batches, forward
+under autocast and backward → one small all-reduce of the step's metrics and of the flags every
+process must agree on (non-finite loss, stop signal, unreadable images) → gradient average over
+processes → per-parameter clipping (DINO) → drop frozen gradients → optimiser step →
+`task.after_step` (EMA, centres). Logs metrics.jsonl every N steps, results.csv and results.png every
+epoch; checkpoints atomically at epoch ends, every N steps and on SIGINT/SIGTERM; resumes exactly.
 """
 from __future__ import annotations
 
@@ -12,89 +14,71 @@ import json
 import math
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
 from torch import nn
 
 from glsd_cli.engine import distributed as dist
+from glsd_cli.engine.batching import batch_size, clear_worker_errors, grouped
 from glsd_cli.engine.checkpoint import (CHECKPOINT_NAME, load_optimizer, load_state_strict, optimizer_tensors,
-                                        read_checkpoint, restore_rng, rng_tensors, save_tensors, sub_dict)
-from glsd_cli.engine.metrics import MetricsLog, progress_bar
-from glsd_cli.errors import GlsdError
+                                        read_checkpoint, remove_stale_temporaries, restore_rng, rng_tensors,
+                                        save_tensors, sub_dict)
+from glsd_cli.engine.metrics import MetricsLog, console, progress_bar
+from glsd_cli.engine.monitors import CollapseMonitor, collapse_warning
+from glsd_cli.engine.optim import clip_gradients, clip_per_parameter, grad_norms, param_groups  # noqa: F401
+from glsd_cli.engine.precision import autocast_dtype, cpu_supports_bf16, pick_device  # noqa: F401 (re-exported)
+from glsd_cli.errors import CheckpointError, DataError, GlsdError
 from glsd_cli.methods.base import StepContext
+
+# With run.on_nonfinite = "skip", this many skipped steps in a row means the run is not recovering.
+MAX_CONSECUTIVE_SKIPS = 10
+# One interrupt often arrives twice within moments (the terminal and torchrun both pass on Ctrl-C,
+# SLURM and torchrun both pass on SIGTERM): only a signal later than this means "leave now".
+REPEATED_SIGNAL_S = 3.0
+# The unreadable-image fraction is judged once this many images (or the whole epoch) were read.
+BAD_IMAGES_SAMPLE = 1000
 
 
 class NonFiniteLoss(GlsdError):
     pass
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise GlsdError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
-    return torch.device(name)
-
-
-def cpu_supports_bf16() -> bool:
-    try:
-        return bool(torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX") or
-                    torch._C._cpu._is_amx_tile_supported() or torch._C._cpu._is_avx512_bf16_supported())
-    except AttributeError:
-        return False
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """None for fp32; bf16 where the hardware has it (AMX/AVX512-BF16 CPUs, Ampere+ GPUs); else fp16 on GPU."""
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp16":
-        if device.type != "cuda":
-            raise GlsdError("precision fp16 needs a CUDA GPU; use bf16 or fp32 on the CPU")
-        return torch.float16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_supports_bf16() else None
-
-
-def param_groups(module: nn.Module) -> list[dict]:
-    """Weight decay on weights only: none on biases and 1-D parameters (norms, tokens) — DINO."""
-    decay, no_decay = [], []
-    for name, p in module.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if name.endswith(".bias") or p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "name": "decay"}, {"params": no_decay, "name": "no_decay", "weight_decay": 0.0,
-                                                   "fixed_weight_decay": True}]
-
-
-def clip_per_parameter(params: list[nn.Parameter], clip: float) -> float:
-    """DINO's `clip_gradients`: each parameter's gradient norm is clipped separately. Returns the mean norm."""
-    norms = []
-    for p in params:
-        if p.grad is None:
-            continue
-        norm = p.grad.detach().norm(2)
-        norms.append(norm)
-        coef = clip / (norm + 1e-6)
-        p.grad.mul_(torch.clamp(coef, max=1.0))
-    return float(torch.stack(norms).mean()) if norms else 0.0
-
-
 @dataclass
 class TrainState:
+    """The position in training; saved as the checkpoint's `position`."""
+
     epoch: int = 0          # epoch to run next (or the one in progress)
-    step_in_epoch: int = 0  # steps of `epoch` already done
+    step_in_epoch: int = 0  # optimiser steps of `epoch` already done
     global_step: int = 0
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__)
+
+
+@dataclass
+class RunTally:
+    """Counters and the running sums of the epoch in progress; saved as the checkpoint's `run_stats`,
+    so that a resumed epoch's results.csv row equals an uninterrupted one."""
+
+    skipped_steps: int = 0              # non-finite steps skipped in the whole run
+    consecutive_skips: int = 0
+    epoch_sums: dict[str, float] = field(default_factory=dict)
+    epoch_steps: int = 0                # steps summed in epoch_sums (skipped steps excluded)
+    epoch_skipped: int = 0
+    epoch_images: int = 0               # images read this epoch, all processes
+    epoch_unreadable: int = 0           # of which unreadable (replaced by the next readable image)
+
+    def new_epoch(self) -> None:
+        self.epoch_sums, self.epoch_steps, self.epoch_skipped = {}, 0, 0
+        self.epoch_images = self.epoch_unreadable = 0
+
+    @classmethod
+    def from_json(cls, text: str | None) -> "RunTally":
+        return cls(**json.loads(text)) if text else cls()
 
 
 @dataclass
@@ -117,12 +101,20 @@ class Trainer:
     epoch_end_hook: Callable[[int], dict[str, float]] | None = None
     state: TrainState = field(default_factory=TrainState)
     quiet: bool = False
+    accum_steps: int = 1                     # micro-batches per optimiser step
+    on_nonfinite: str = "stop"               # "stop" | "skip"
+    max_bad_fraction: float | None = None    # of unreadable images per epoch, None: no check
+    plots: bool = True
 
     def __post_init__(self):
         self.dtype = autocast_dtype(self.precision, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
         self.log = MetricsLog(self.run_dir) if (self.run_dir and dist.is_main_process()) else None
+        self.tally = RunTally()
+        self.monitor = CollapseMonitor(self.task)
         self._stop_signal: int | None = None
+        self._stop_time = 0.0
+        self._stopping = False
         self.trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
 
     # ------------------------------------------------------------------ checkpoints
@@ -131,14 +123,25 @@ class Trainer:
         return self.run_dir / CHECKPOINT_NAME if self.run_dir else None
 
     def save_checkpoint(self) -> None:
-        if self.run_dir is None or not dist.is_main_process():
+        """Rank 0 writes; every rank must call this (the RNG states of all ranks are gathered)."""
+        if self.run_dir is None:
+            return
+        rng = rng_tensors()
+        if not dist.is_main_process():
             return
         tensors = {f"model/{k}": v for k, v in self.task.state_dict().items()}
         opt_tensors, groups = optimizer_tensors(self.optimizer)
         tensors.update(opt_tensors)
-        tensors.update(rng_tensors())
-        save_tensors(self.checkpoint_path, tensors, {"kind": self.kind, "config": self.config_json,
-                                                     "position": self.state.to_json(), "optim_groups": groups})
+        tensors.update(rng)
+        meta = {"kind": self.kind, "config": self.config_json, "position": self.state.to_json(),
+                "optim_groups": groups, "run_stats": json.dumps(asdict(self.tally))}
+        if self.scaler is not None:
+            meta["grad_scaler"] = json.dumps(self.scaler.state_dict())
+        try:
+            save_tensors(self.checkpoint_path, tensors, meta)
+        except OSError as e:
+            raise CheckpointError(f"could not write the checkpoint {self.checkpoint_path} ({e.strerror or e}); "
+                                  "the previous one is intact") from None
 
     def resume(self, path: Path) -> None:
         tensors, meta = read_checkpoint(path, device="cpu")
@@ -146,6 +149,12 @@ class Trainer:
         load_optimizer(self.optimizer, tensors, meta["optim_groups"])
         restore_rng(tensors)
         self.state = TrainState(**json.loads(meta["position"]))
+        self.tally = RunTally.from_json(meta.get("run_stats"))
+        if self.scaler is not None and "grad_scaler" in meta:
+            self.scaler.load_state_dict(json.loads(meta["grad_scaler"]))
+        if self.log:
+            self.log.truncate_after(self.state.global_step)
+            remove_stale_temporaries(self.checkpoint_path)
 
     # ------------------------------------------------------------------ the loop
     def _set_schedule(self, step: int) -> dict[str, float]:
@@ -167,44 +176,47 @@ class Trainer:
         return batch
 
     def _handle_signal(self, signum, frame):  # noqa: ARG002
-        self._stop_signal = signum
+        now = time.monotonic()
+        if self._stop_signal is None:
+            self._stop_signal, self._stop_time = signum, now
+        elif now - self._stop_time > REPEATED_SIGNAL_S:  # a second Ctrl-C: leave now, last checkpoint intact
+            raise KeyboardInterrupt(f"second signal {signum}: stopped without saving")
 
-    def fit(self, make_loader: Callable[[int, int], object]) -> TrainState:
-        """`make_loader(epoch, start_step)` returns the iterable of batches for that epoch."""
+    def fit(self, make_loader: Callable[[int, int], Iterable]) -> TrainState:
+        """`make_loader(epoch, start_step)` returns the (micro-)batches of that epoch from `start_step` on."""
         total = self.epochs * self.steps_per_epoch
-        old_handlers = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        old_handlers = {}
+        for s in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+                old_handlers[s] = signal.signal(s, self._handle_signal)
         try:
             with progress_bar(total, disabled=self.quiet or not dist.is_main_process()) as bar:
                 bar.advance(self.state.global_step)
-                while self.state.epoch < self.epochs:
+                while self.state.epoch < self.epochs and not self._stopping:
                     self._run_epoch(make_loader(self.state.epoch, self.state.step_in_epoch), bar, total)
-                    if self._stop_signal is not None:
-                        break
         finally:
             for s, h in old_handlers.items():
                 signal.signal(s, h)
-        if self._stop_signal is not None:
+        if self._stopping:
             self.save_checkpoint()
-            raise KeyboardInterrupt(f"stopped by signal {self._stop_signal}; checkpoint saved")
+            dist.barrier()  # no process exits (and makes torchrun kill rank 0) before the save is done
+            raise KeyboardInterrupt(f"stopped by signal {self._stop_signal or 'on another process'}; "
+                                    f"checkpoint saved at step {self.state.global_step}")
         return self.state
 
-    def _run_epoch(self, loader, bar, total: int) -> None:
+    def _run_epoch(self, loader: Iterable, bar, total: int) -> None:
         epoch = self.state.epoch
         self.task.train()
-        sums: dict[str, float] = {}
-        count = 0
         t_last, images = time.perf_counter(), 0
-        for batch in loader:
-            batch = self._to_device(batch)
-            ctx = StepContext(epoch, self.state.global_step, total, self._set_schedule(self.state.global_step))
-            metrics = self._step(batch, ctx)
-            images += _batch_size(batch) * dist.world_size()
+        for micro_batches in grouped(clear_worker_errors(loader), self.accum_steps):
+            step = self.state.global_step
+            ctx = StepContext(epoch, step, total, self._set_schedule(step))
+            metrics, step_images = self._step(micro_batches, ctx)
+            images += step_images
             self.state.step_in_epoch += 1
             self.state.global_step += 1
-            count += 1
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + v
-            if self.state.global_step % self.log_every_steps == 0 or self.state.step_in_epoch == self.steps_per_epoch:
+            if (self.state.global_step % self.log_every_steps == 0 or self.state.step_in_epoch == self.steps_per_epoch
+                    or "nonfinite_skipped" in metrics):  # a skipped step is always on record
                 now = time.perf_counter()
                 metrics["images_per_s"] = images / max(now - t_last, 1e-9)
                 t_last, images = now, 0
@@ -213,38 +225,86 @@ class Trainer:
             bar.update(metrics, ctx.values, epoch, self.epochs)
             if self.checkpoint_every_steps and self.state.global_step % self.checkpoint_every_steps == 0:
                 self.save_checkpoint()
-            if self._stop_signal is not None:
+            if self._stopping:
                 return
-        summary = {k: v / max(count, 1) for k, v in sums.items()}
+        self._end_epoch(epoch)
+
+    def _end_epoch(self, epoch: int) -> None:
+        t = self.tally
+        summary = {k: v / max(t.epoch_steps, 1) for k, v in t.epoch_sums.items()}
+        summary.update(skipped_steps=t.epoch_skipped, unreadable_images=t.epoch_unreadable)
         self.state.epoch += 1
         self.state.step_in_epoch = 0
+        t.new_epoch()
         if self.epoch_end_hook is not None:
-            summary.update(self.epoch_end_hook(epoch))
+            # The monitor must not move the training RNG (its data loader draws a seed from it).
+            devices = [torch.cuda.current_device()] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                summary.update(self.epoch_end_hook(epoch))
         if hasattr(self.task, "epoch_metrics"):
             summary.update(self.task.epoch_metrics())
         if self.log:
+            warning = collapse_warning(summary, self.monitor.num_prototypes, epoch)
+            if warning:  # shown even with --quiet: it may save days of compute
+                console.print(f"[bold yellow]{warning}")
             self.log.epoch({"epoch": epoch, **summary})
+            if self.plots:
+                self._draw()
         self.save_checkpoint()
 
-    def _step(self, batch, ctx: StepContext) -> dict[str, float]:
-        autocast = (torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None
-                    else contextlib.nullcontext())
-        with autocast:
-            loss, metrics = self.task.training_step(batch, ctx)
-        if not math.isfinite(loss.item()):
-            raise NonFiniteLoss(
-                f"the loss became {loss.item()} at step {ctx.step} (epoch {ctx.epoch}); the last good checkpoint "
-                f"is kept in {self.run_dir}. Lower the learning rate or use fp32.")
+    def _draw(self) -> None:
+        from glsd_cli.engine.plots import draw_results
+
+        try:
+            draw_results(self.run_dir)
+        except ImportError as e:  # matplotlib is a dependency; a broken install must not stop training
+            self.plots = False
+            console.print(f"[yellow]results.png not drawn: {e}")
+
+    def _autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def train_step(self, micro_batches: list, step: int, epoch: int = 0) -> dict[str, float]:
+        """One optimiser step outside `fit` (benchmarks, tests): schedules at `step`, then `_step`."""
+        ctx = StepContext(epoch, step, self.epochs * self.steps_per_epoch, self._set_schedule(step))
+        return self._step(micro_batches, ctx)[0]
+
+    def _step(self, micro_batches: list, ctx: StepContext) -> tuple[dict[str, float], int]:
+        """One optimiser step over its micro-batches; returns its metrics and the images it used."""
         self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)
-        else:
-            loss.backward()
-        if dist.is_distributed():
-            dist.average_gradients(self.trainable)
+        sums: dict[str, float] = {}
+        finite, unreadable, images = True, 0, 0
+        for batch in micro_batches:
+            if isinstance(batch, dict) and "unreadable" in batch:
+                unreadable += int(batch["unreadable"].sum())
+            images += batch_size(batch)
+            with self._autocast():
+                loss, metrics = self.task.training_step(self._to_device(batch), ctx)
+            # Every process runs every forward and backward, finite or not: losses may hold
+            # collectives (all-gathers), and a process leaving early would leave the others waiting.
+            finite = finite and math.isfinite(loss.item())
+            scaled = loss / len(micro_batches)
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v / len(micro_batches)
+        sums.update(self.monitor.step_metrics())
+        metrics, flags = self._reduce(sums, [not finite, self._stop_signal is not None, unreadable, images])
+        nonfinite, self._stopping = flags[0] > 0, flags[1] > 0
+        unreadable, images = int(flags[2]), int(flags[3])
+        self._count_images(unreadable, images)
+        if not nonfinite:
+            dist.average_gradients(self.trainable)  # before unscaling: every rank then agrees on inf/nan
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            grads, norms = grad_norms(self.trainable)
+            # The scaler handles fp16 overflow itself (it skips the step and lowers the scale).
+            nonfinite = self.scaler is None and not bool(torch.isfinite(norms).all())
+        if nonfinite:
+            return self._nonfinite_step(ctx, metrics), images
         if self.clip_grad > 0:
-            metrics["grad_norm"] = clip_per_parameter(self.trainable, self.clip_grad)
+            metrics["grad_norm"] = clip_gradients(grads, norms, self.clip_grad)
         if hasattr(self.task, "frozen_parameters"):
             for p in self.task.frozen_parameters(ctx):
                 p.grad = None
@@ -256,16 +316,50 @@ class Trainer:
         if hasattr(self.task, "after_step"):
             with torch.no_grad():
                 self.task.after_step(ctx)
-        return metrics
+        metrics.update(self.monitor.center_norms())
+        self.tally.consecutive_skips = 0
+        self.tally.epoch_steps += 1
+        for k, v in metrics.items():
+            self.tally.epoch_sums[k] = self.tally.epoch_sums.get(k, 0.0) + v
+        return metrics, images
 
+    def _reduce(self, metrics: dict[str, float], flags: list[float]) -> tuple[dict[str, float], list[float]]:
+        """Metrics averaged over processes (rank 0 logs global values) and flags summed, in one all-reduce."""
+        keys = sorted(metrics)
+        vec = torch.tensor([metrics[k] for k in keys] + [float(f) for f in flags], dtype=torch.float64)
+        vec = dist.all_reduce_sum_cpu(vec)
+        world = dist.world_size()
+        return {k: float(vec[i]) / world for i, k in enumerate(keys)}, vec[len(keys):].tolist()
 
-def _batch_size(batch) -> int:
-    if isinstance(batch, dict):
-        for key in ("views", "image", "images"):
-            if key in batch:
-                v = batch[key]
-                return len(v[0]) if isinstance(v, (list, tuple)) else len(v)
-        return len(next(iter(batch.values())))
-    if isinstance(batch, (list, tuple)):
-        return len(batch[0])
-    return len(batch)
+    def _count_images(self, unreadable: int, images: int) -> None:
+        t = self.tally
+        t.epoch_unreadable += unreadable
+        t.epoch_images += images
+        # Judged once a fair sample was read (as FolderSource does), always tolerating one bad file.
+        if self.max_bad_fraction is None or t.epoch_unreadable <= 1:
+            return
+        if t.epoch_images < min(BAD_IMAGES_SAMPLE, self.steps_per_epoch * images):
+            return
+        if t.epoch_unreadable > self.max_bad_fraction * t.epoch_images:
+            raise DataError(f"{t.epoch_unreadable} of the {t.epoch_images} images read in epoch {self.state.epoch} "
+                            f"were unreadable (more than run.max_bad_image_fraction = {self.max_bad_fraction:.1%}); "
+                            "fix or remove the broken files, or raise that fraction.")
+
+    def _nonfinite_step(self, ctx: StepContext, metrics: dict[str, float]) -> dict[str, float]:
+        self.optimizer.zero_grad(set_to_none=True)
+        what = "loss" if not math.isfinite(metrics.get("loss", 0.0)) else "gradient"
+        where = f"at step {ctx.step} (epoch {ctx.epoch})"
+        if self.on_nonfinite == "stop":
+            kept = f"the last good checkpoint is kept in {self.run_dir}. " if self.run_dir else ""
+            raise NonFiniteLoss(f"the {what} became non-finite {where}; {kept}Lower optim.lr, use "
+                                "run.precision=fp32, or set run.on_nonfinite=skip to skip such steps.")
+        t = self.tally
+        t.skipped_steps += 1
+        t.epoch_skipped += 1
+        t.consecutive_skips += 1
+        if t.consecutive_skips > MAX_CONSECUTIVE_SKIPS:
+            raise NonFiniteLoss(f"{t.consecutive_skips} steps in a row had a non-finite {what} (last {where}); "
+                                "the run is not recovering. Lower optim.lr or use run.precision=fp32.")
+        if self.log:
+            console.print(f"[yellow]non-finite {what} {where}: step skipped ({t.skipped_steps} so far)")
+        return {"nonfinite_skipped": 1.0}
