@@ -20,6 +20,7 @@ from torch import nn
 from glsd_cli.config import Config, ModelConfig
 from glsd_cli.engine.checkpoint import load_state_strict, read_checkpoint, resolve_checkpoint_path, sub_dict
 from glsd_cli.errors import CheckpointError, GlsdError
+from glsd_cli.models.backbone import timm_kwargs
 
 EXPORT_MARKER = "glsd_export"   # key of an export folder's config.json (its value: the layout version)
 WHICH = ("teacher", "student")
@@ -56,21 +57,6 @@ class BackboneSpec:
     def describe(self) -> str:
         blocks = f", blocks 1..{self.layer}" if self.layer is not None else ""
         return f"{self.which} backbone ({self.arch}{blocks})"
-
-
-def timm_kwargs(model: ModelConfig, img_size: int) -> dict[str, Any]:
-    """The kwargs of `glsd_cli.models.backbone.create_timm_model`, minus `pretrained` and drop-path
-    (inference only). Kept in step with it by the export's own check and by tests/test_export.py,
-    which both compare timm's model against glsd's Backbone output for output."""
-    kwargs: dict[str, Any] = {"num_classes": 0, "img_size": img_size}
-    for key in ("patch_size", "embed_dim", "depth", "num_heads"):
-        if getattr(model, key) is not None:
-            kwargs[key] = getattr(model, key)
-    if model.arch.startswith("swin"):
-        kwargs["strict_img_size"] = False
-    else:
-        kwargs["dynamic_img_size"] = True
-    return kwargs
 
 
 # ------------------------------------------------------------------ locating and reading

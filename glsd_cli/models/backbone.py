@@ -26,9 +26,9 @@ class TokenOutput:
     layer_cls: list[torch.Tensor] | None = None  # per requested block, (B, D)
 
 
-def create_timm_model(cfg: ModelConfig, img_size: int, drop_path_rate: float = 0.0) -> nn.Module:
-    """The timm model of a config; `pretrained=False` always (no hub access, ever)."""
-    kwargs: dict = {"pretrained": False, "num_classes": 0, "drop_path_rate": drop_path_rate, "img_size": img_size}
+def timm_kwargs(cfg: ModelConfig, img_size: int) -> dict:
+    """The keyword arguments of `timm.create_model` for a config (shared with the timm export)."""
+    kwargs: dict = {"num_classes": 0, "img_size": img_size}
     for key in ("patch_size", "embed_dim", "depth", "num_heads"):
         if getattr(cfg, key) is not None:
             kwargs[key] = getattr(cfg, key)
@@ -36,9 +36,15 @@ def create_timm_model(cfg: ModelConfig, img_size: int, drop_path_rate: float = 0
         kwargs["strict_img_size"] = False  # 96-px local views on a 224-px model (ALGORITHMS §1)
     else:
         kwargs["dynamic_img_size"] = True  # interpolate position embeddings for any view size
+    return kwargs
+
+
+def create_timm_model(cfg: ModelConfig, img_size: int, drop_path_rate: float = 0.0) -> nn.Module:
+    """The timm model of a config; `pretrained=False` always (no hub access, ever)."""
     try:
-        return timm.create_model(cfg.arch, **kwargs)
-    except (RuntimeError, TypeError, ValueError) as e:
+        return timm.create_model(cfg.arch, pretrained=False, drop_path_rate=drop_path_rate,
+                                 **timm_kwargs(cfg, img_size))
+    except (RuntimeError, TypeError, ValueError, AssertionError) as e:  # timm asserts on bad shapes
         raise ConfigError(f"cannot build timm model '{cfg.arch}': {e}") from None
 
 
