@@ -10,6 +10,8 @@ import typer
 from glsd_cli.errors import GlsdError
 
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda")]
+LAYERS_HELP = ("also evaluate intermediate blocks: 'all' or block numbers counted from 1 like 4,8,12 "
+               "(-1 = the last block); each block's CLS goes through the shared final norm. Prints a per-block table")
 
 
 def _parse_ints(text: str, what: str) -> list[int]:
@@ -25,13 +27,24 @@ def command(
     val_data: Annotated[Optional[str], typer.Option("--val-data", help="labelled test data (default: the run's data, held-out split)")] = None,
     k: Annotated[str, typer.Option("--k", help="neighbour counts, comma-separated")] = "10,20,100,200",
     temperature: Annotated[float, typer.Option(help="temperature T of the exp(sim/T) vote")] = 0.07,
+    layers: Annotated[Optional[str], typer.Option("--layers", help=LAYERS_HELP)] = None,
+    student: Annotated[bool, typer.Option("--student", help="evaluate the student backbone instead of the teacher")] = False,
+    train_fraction: Annotated[Optional[float], typer.Option("--train-fraction", help="use this stratified, seeded fraction of the training data as the bank (e.g. 0.01, 0.1)")] = None,
+    seed: Annotated[int, typer.Option(help="seed of the --train-fraction subset")] = 0,
     device: DeviceOpt = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="images per feature-extraction batch")] = 256,
     random_init: Annotated[bool, typer.Option("--random-init", help="evaluate the run's network at its random initialisation instead (a baseline)")] = False,
+    cache: Annotated[bool, typer.Option("--cache/--no-cache", help="reuse and store features in a features/ folder beside the checkpoint; an entry is used only for the same backbone weights, data and layers")] = True,
+    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="folder of the feature cache (default: features/ beside the checkpoint)")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="result JSON path (a CSV is written beside it); default: knn*.json beside the checkpoint")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
 ) -> None:
-    """k-NN accuracy (DINO's weighted vote) of the teacher backbone's CLS features."""
-    from glsd_cli.eval.knn_command import run_knn_eval
+    """k-NN accuracy (DINO's weighted vote) of a backbone's CLS features, for the final block or per block."""
+    from glsd_cli.eval.knn_command import KnnOptions, run_knn_eval
 
-    result = run_knn_eval(checkpoint, train_data, val_data, tuple(_parse_ints(k, "--k")), temperature,
-                          device, batch_size, random_init)
+    opts = KnnOptions(train_uri=train_data, val_uri=val_data, ks=tuple(_parse_ints(k, "--k")), temperature=temperature,
+                      layers=layers, student=student, train_fraction=train_fraction, seed=seed, device=device,
+                      batch_size=batch_size, random_init=random_init, cache=cache, cache_dir=cache_dir, output=output,
+                      quiet=quiet)
+    result = run_knn_eval(checkpoint, opts)
     typer.echo(json.dumps(result["summary"]))

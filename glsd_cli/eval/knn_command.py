@@ -1,62 +1,134 @@
-"""`glsd knn-eval`: features of a checkpoint's teacher backbone → DINO's weighted k-NN → a result file."""
+"""`glsd knn-eval`: a backbone's frozen features → DINO's weighted k-NN → JSON and CSV result files.
+
+Features come from the on-disk cache when the same backbone saw the same data before
+(feature_cache.py), so trying other k, temperatures or layers costs no second extraction.
+"""
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from glsd_cli.data.sources import open_source
-from glsd_cli.engine.checkpoint import atomic_write_bytes
+from glsd_cli.data.subsets import make_subset
 from glsd_cli.engine.metrics import console
 from glsd_cli.engine.trainer import pick_device
-from glsd_cli.errors import DataError
-from glsd_cli.eval.features import extract_features
-from glsd_cli.eval.knn import knn_classify
+from glsd_cli.errors import GlsdError
+from glsd_cli.eval.feature_cache import FeatureCache
+from glsd_cli.eval.features import FeatureRequest, parse_blocks
+from glsd_cli.eval.knn import DEFAULT_KS, DEFAULT_TEMPERATURE, knn_classify
 from glsd_cli.eval.loading import load_pretrained
+from glsd_cli.eval.report import pct, print_table, result_paths, write_results
+from glsd_cli.eval.splits import open_labelled_pair
 from glsd_cli.methods import build_method
 
-
-def open_eval_pair(cfg_train_uri: str, train_uri: str | None, val_uri: str | None):
-    """The labelled bank and query sources: explicit URIs, else the run's data with its held-out split."""
-    bank = open_source(train_uri or cfg_train_uri, "train")
-    queries = open_source(val_uri or train_uri or cfg_train_uri, "val")
-    for what, src in (("training", bank), ("test", queries)):
-        if not src.labelled:
-            raise DataError(f"k-NN needs labelled {what} data, but {src.uri} has no labels; pass --train-data/--val-data")
-    if bank.classes != queries.classes:
-        raise DataError(f"the training data ({len(bank.classes)} classes) and test data ({len(queries.classes)} "
-                        "classes) have different class lists")
-    return bank, queries
+HEADLINE_K = 20  # DINO's headline k (ALGORITHMS.md §5)
 
 
-def run_knn_eval(checkpoint: Path, train_uri: str | None, val_uri: str | None, ks: tuple[int, ...],
-                 temperature: float, device_name: str = "auto", batch_size: int = 256,
-                 random_init: bool = False) -> dict:
-    device = pick_device(device_name)
+@dataclass
+class KnnOptions:
+    train_uri: str | None = None
+    val_uri: str | None = None
+    ks: tuple[int, ...] = DEFAULT_KS
+    temperature: float = DEFAULT_TEMPERATURE
+    layers: str | None = None            # as typed: 'all' or 1-based block numbers; None: the final CLS
+    student: bool = False
+    train_fraction: float | None = None  # stratified, seeded subset of the k-NN bank
+    seed: int = 0
+    device: str = "auto"
+    batch_size: int = 256
+    random_init: bool = False
+    cache: bool = True
+    cache_dir: Path | None = None
+    output: Path | None = None
+    quiet: bool = False
+
+
+def _check(opts: KnnOptions) -> None:
+    if not opts.ks or any(k < 1 for k in opts.ks):
+        raise GlsdError(f"--k needs positive neighbour counts, got {','.join(map(str, opts.ks)) or 'none'}")
+    if opts.temperature <= 0:
+        raise GlsdError(f"--temperature must be positive, got {opts.temperature}")
+    if opts.batch_size < 1:
+        raise GlsdError(f"--batch-size must be positive, got {opts.batch_size}")
+
+
+def _tag(opts: KnnOptions) -> str:
+    """The result file's name says which variant it holds, so variants do not overwrite each other."""
+    tag = "knn-random-init" if opts.random_init else ("knn-student" if opts.student else "knn")
+    if opts.layers is not None:
+        tag += "-layers"
+    if opts.train_fraction is not None:
+        tag += f"-train{opts.train_fraction:g}"
+    return tag
+
+
+def run_knn_eval(checkpoint: Path, opts: KnnOptions) -> dict:
+    _check(opts)
+    device = pick_device(opts.device)
     cfg, method, file = load_pretrained(checkpoint, device)
-    if random_init:
+    which = "student" if opts.student else "teacher"
+    name = which
+    if opts.random_init:
         # The same network as the run's at step 0: pretrain seeds with run.seed before building it.
         torch.manual_seed(cfg.run.seed)
         method = build_method(cfg).to(device).eval()
-    bank, queries = open_eval_pair(cfg.data.train, train_uri, val_uri)
-    backbone = method.backbone("teacher")
+        name = "random-init"
+    backbone = method.backbone(which)
+    bank, queries = open_labelled_pair(cfg.data.train, opts.train_uri, opts.val_uri)
+    if opts.train_fraction is not None:
+        bank = make_subset(bank, fraction=opts.train_fraction, seed=opts.seed)
+    blocks = parse_blocks(opts.layers, backbone.num_blocks)
+    request = FeatureRequest(tuple(blocks) if blocks is not None else None)
+    cache = FeatureCache.for_backbone(file, name, backbone, cfg.model.model_dump_json(), opts.cache_dir, opts.cache)
     size = cfg.data.global_crop_size
-    xb, yb = extract_features(backbone, bank, size, device, batch_size=batch_size, quiet=False, description="bank")
-    xq, yq = extract_features(backbone, queries, size, device, batch_size=batch_size, quiet=False, description="test")
-    res = knn_classify(xb, yb, xq, yq, len(bank.classes), ks=ks, temperature=temperature)
-    console.print(f"k-NN of the {'randomly initialised' if random_init else 'pre-trained'} teacher backbone "
-                  f"({len(bank)} train / {len(queries)} test images, T = {temperature}):")
-    for k, acc in res.items():
-        console.print(f"k = {k:>4}: top-1 {acc['top1']:6.2f}   top-5 {acc['top5']:6.2f}")
-    headline = 20 if 20 in res else ks[0]
+    xb, yb = cache.features(backbone, bank, size, device, request, opts.batch_size, quiet=opts.quiet,
+                            description="train features")
+    xq, yq = cache.features(backbone, queries, size, device, request, opts.batch_size, quiet=opts.quiet,
+                            description="test features")
+    num_classes = len(bank.classes)
+    numbers = [b + 1 for b in blocks] if blocks is not None else [backbone.num_blocks]
+    per_block = [knn_classify(xb["cls"][i], yb, xq["cls"][i], yq, num_classes, ks=opts.ks,
+                              temperature=opts.temperature) for i in range(len(numbers))]
+    headline_k = HEADLINE_K if HEADLINE_K in opts.ks else opts.ks[0]
+    final = per_block[-1]  # the last block asked for (the final CLS when --layers is not given)
     result = {
-        "checkpoint": str(file), "train_data": bank.uri, "val_data": queries.uri,
-        "backbone": "random-init" if random_init else "teacher",
-        "num_train": len(bank), "num_test": len(queries), "temperature": temperature,
-        "results": {str(k): v for k, v in res.items()},
-        "summary": {"k": headline, "top1": res[headline]["top1"], "top5": res[headline]["top5"]},
+        "checkpoint": str(file), "train_data": bank.uri, "val_data": queries.uri, "backbone": name,
+        "num_train": len(bank), "num_test": len(queries), "train_fraction": opts.train_fraction,
+        "subset_seed": opts.seed if opts.train_fraction is not None else None,
+        "temperature": opts.temperature, "image_size": size,
+        "results": {str(k): v for k, v in final.items()},
+        "summary": {"k": headline_k, "top1": final[headline_k]["top1"], "top5": final[headline_k]["top5"]},
+        "feature_cache": {"folder": str(cache.folder) if cache.enabled else None, "hits": cache.hits,
+                          "misses": cache.misses},
     }
-    name = "knn-random-init.json" if random_init else "knn.json"
-    atomic_write_bytes(file.parent / name, json.dumps(result, indent=2).encode())
+    if blocks is not None:
+        result["summary"]["block"] = numbers[-1]
+        result["blocks_numbered_from"] = 1
+        result["layers"] = [{"block": n, "results": {str(k): v for k, v in res.items()}}
+                            for n, res in zip(numbers, per_block)]
+    rows = [{"block": n, **{f"k{k}_{m}": round(v[m], 4) for k, v in res.items() for m in ("top1", "top5")}}
+            for n, res in zip(numbers, per_block)]
+    json_path, csv_path = result_paths(file, _tag(opts), opts.output)
+    write_results(json_path, csv_path, result, rows)
+    _print(opts, name, len(bank), len(queries), numbers, per_block, headline_k, blocks is not None, json_path)
     return result
+
+
+def _print(opts: KnnOptions, name: str, num_train: int, num_test: int, numbers: list[int], per_block: list[dict],
+           headline_k: int, per_layer: bool, json_path: Path) -> None:
+    what = {"random-init": "randomly initialised teacher", "teacher": "pre-trained teacher",
+            "student": "pre-trained student"}[name]
+    title = (f"k-NN of the {what} backbone ({num_train} train / {num_test} test images, "
+             f"T = {opts.temperature})")
+    if not per_layer:
+        console.print(title + ":")
+        for k, acc in per_block[-1].items():
+            console.print(f"k = {k:>4}: top-1 {acc['top1']:6.2f}   top-5 {acc['top5']:6.2f}")
+        console.print(f"results: {json_path}")
+        return
+    columns = ["block"] + [f"k={k} top-1" for k in opts.ks] + [f"k={headline_k} top-5"]
+    rows = [[str(n)] + [pct(res[k]["top1"]) for k in opts.ks] + [pct(res[headline_k]["top5"])]
+            for n, res in zip(numbers, per_block)]
+    print_table(title + ", per block (CLS after the final norm; blocks numbered from 1)", columns, rows,
+                caption=f"results: {json_path} and .csv")
