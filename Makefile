@@ -4,6 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_OUT := runs
+# Passive OpenMP waiting: spinning threads starve the data workers on small CPUs (glsd_cli/__init__.py).
+export OMP_WAIT_POLICY := PASSIVE
 
 .PHONY: venv demo test test-slow test-all clean
 

@@ -6,7 +6,14 @@ imported on first use, so `import glsd_cli` (and every `glsd` command) does not 
 """
 from __future__ import annotations
 
+import os as _os
 from importlib import metadata as _metadata
+
+# OpenMP threads that spin while waiting for work steal the CPU from data-loading workers and from
+# other processes: on a shared 2-core machine a training step ran 6x slower, a batch of multi-crop
+# views 25x slower, than with passive waiting (measured; see README "CPU notes"). It must be set
+# before torch loads OpenMP; a user's own setting wins.
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 try:
     __version__ = _metadata.version("glsd")

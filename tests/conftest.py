@@ -1,6 +1,7 @@
 """Shared fixtures: tiny configs that train in seconds on the CPU."""
 from __future__ import annotations
 
+import glsd_cli  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch loads OpenMP)
 import pytest
 import torch
 
