@@ -7,7 +7,7 @@ DEMO_OUT := runs
 # Passive OpenMP waiting: spinning threads starve the data workers on small CPUs (glsd_cli/__init__.py).
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: venv demo test test-slow test-all clean
+.PHONY: venv demo test test-slow test-all bench bench-lowdata clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,19 @@ test-slow: $(STAMP)
 ## Everything, including the slow end-to-end runs.
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ""
+
+## Speed benchmarks: each prints figures and writes bench/results/*.json (not timed tests).
+bench: $(STAMP)
+	$(BIN)/python bench/local_overhead.py --preset tiny-geo
+	$(BIN)/python bench/train_precision.py
+	$(BIN)/python bench/linear_eval_speed.py
+	$(BIN)/python bench/sd_cost.py
+	$(BIN)/python bench/omp_wait_policy.py
+
+## The low-data comparison on Fashion-MNIST (installs the Debian package with the IDX files if missing).
+bench-lowdata: $(STAMP)
+	test -d /usr/share/datasets/fashion-mnist || (apt-get update && apt-get install -y dataset-fashion-mnist)
+	$(BIN)/python bench/lowdata.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
