@@ -5,6 +5,7 @@
 - "geometric": GLSD (Lebailly & Tuytelaars 2023) — tokens paired by their position in the image;
 - "similarity": EsViT's region loss (Li et al. 2022) — tokens paired by feature similarity.
 L = (1 − w)·L_global + w·L_local (ALGORITHMS.md §3).
+`method.sd.enabled` adds SDSSL's layer terms: L + λ(t)·mean_l L_l (methods/layerwise.py).
 """
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from torch import nn
 
 from glsd_cli.config import Config
 from glsd_cli.engine.schedules import teacher_temp_schedule
-from glsd_cli.losses.dino import DINOLoss
+from glsd_cli.losses.dino import DINOLoss, teacher_probabilities
 from glsd_cli.methods.base import Method, StepContext, copy_as_teacher
+from glsd_cli.methods.layerwise import DinoLayerDistillation, sd_weight_schedule
 from glsd_cli.models.backbone import Backbone, TokenOutput
 from glsd_cli.models.heads import DINOHead
 
@@ -45,6 +47,13 @@ class GlobalLocalDistillation(Method):
 
         self.student = modules(cfg.model.drop_path_rate)
         self.teacher = copy_as_teacher(self.student, modules(0.0))
+        # -- SD on DINO/GLSD (methods/layerwise.py): per-layer heads in the student only, added after
+        # the teacher copy, so the teacher (targets: final layer only) has none.
+        self.sd_on = cfg.method.sd.enabled
+        if self.sd_on:
+            backbone = self.student["backbone"]
+            self.student["sd"] = DinoLayerDistillation(cfg, backbone.embed_dim, backbone.num_blocks)
+        # -- end SD
         lc = cfg.method.loss
         self.dino_loss = DINOLoss(_as_int(h.out_dim, "head.out_dim"), lc.student_temp, lc.center_momentum)
         if self.local_on:
@@ -57,7 +66,8 @@ class GlobalLocalDistillation(Method):
     def schedules(self, epochs: int, steps_per_epoch: int) -> dict:
         lc = self.cfg.method.loss
         return {"teacher_temp": teacher_temp_schedule(lc.warmup_teacher_temp, float(lc.teacher_temp),
-                                                      lc.warmup_teacher_temp_epochs, epochs, steps_per_epoch)}
+                                                      lc.warmup_teacher_temp_epochs, epochs, steps_per_epoch),
+                **sd_weight_schedule(self.cfg.method.sd, epochs, steps_per_epoch)}
 
     def frozen_parameters(self, ctx: StepContext) -> list[nn.Parameter]:
         if ctx.epoch >= self.cfg.head.freeze_last_layer_epochs:
@@ -72,12 +82,18 @@ class GlobalLocalDistillation(Method):
         """One backbone forward per resolution (globals together, locals together), split per view."""
         outs: list[TokenOutput] = []
         groups = [views[:NUM_GLOBAL], views[NUM_GLOBAL:]]
-        for group in groups:
+        backbone = self.student["backbone"]
+        for i, group in enumerate(groups):
             if not group:
                 continue
-            tok = self.student["backbone"].forward_tokens(torch.cat(group))
-            for cls, patches in zip(tok.cls.chunk(len(group)), tok.patches.chunk(len(group))):
-                outs.append(TokenOutput(cls, patches, tok.grid))
+            n = len(group)
+            if self.sd_on and i == 0:  # SD: the globals' per-layer CLS from the same pass
+                tok = backbone.forward_layers(torch.cat(group), self.student["sd"].layers)
+                layer_cls = [list(c.chunk(n)) for c in tok.layer_cls]
+            else:
+                tok, layer_cls = backbone.forward_tokens(torch.cat(group)), None
+            for v, (cls, patches) in enumerate(zip(tok.cls.chunk(n), tok.patches.chunk(n))):
+                outs.append(TokenOutput(cls, patches, tok.grid, layer_cls and [c[v] for c in layer_cls]))
         return outs
 
     def training_step(self, batch: dict, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
@@ -97,8 +113,17 @@ class GlobalLocalDistillation(Method):
             loss = (1 - w) * loss_global + w * loss_local
             metrics["loss_local"] = loss_local.item()
             metrics.update(local_stats)
-        # Centres move after the loss, from this step's teacher outputs (DINO's order).
-        self._pending_center = (t_logits, t_z if self.local_on else None)
+        if self.sd_on:  # SD on DINO/GLSD: L + λ(t)·mean_l L_l, targets the teacher's final P_t
+            probs = [teacher_probabilities(t, self.dino_loss.center, temp) for t in t_logits]
+            loss_sd, sd_stats = self.student["sd"]([o.layer_cls for o in s_out[:NUM_GLOBAL]],
+                                                   self.student["head"].last_layer, probs)
+            loss = loss + ctx.values["sd_weight"] * loss_sd
+            metrics.update(sd_stats, sd_weight=ctx.values["sd_weight"])
+        # Centres move after the loss, from this step's teacher outputs (DINO's order). With gradient
+        # accumulation a step has several micro-batches: the centre moves once, from all of them.
+        if getattr(self, "_pending_step", None) != ctx.step:  # also drops a skipped step's outputs
+            self._pending_step, self._pending_center = ctx.step, []
+        self._pending_center.append((t_logits, t_z if self.local_on else None))
         metrics["loss"] = loss.item()
         return loss, metrics
 
@@ -132,9 +157,8 @@ class GlobalLocalDistillation(Method):
         return loss, stats, t_z
 
     def after_step(self, ctx: StepContext) -> None:
-        t_logits, t_z = self._pending_center
-        self.dino_loss.update_center(t_logits)
-        if t_z is not None:
-            self.local_loss.update_center(t_z, self.teacher["dense_head"].last_layer)
-        self._pending_center = None
+        pending, self._pending_center = self._pending_center, []
+        self.dino_loss.update_center([t for t_logits, _ in pending for t in t_logits])
+        if self.local_on:
+            self.local_loss.update_center([z for _, t_z in pending for z in t_z], self.teacher["dense_head"].last_layer)
         super().after_step(ctx)
