@@ -28,3 +28,16 @@ def test_folder_with_splits_and_synthetic_data_have_one(tmp_path):
     assert knn_monitor_hook(resolve("tiny-dino", [f'data.train="{tmp_path}"']), None, torch.device("cpu")) is not None
     assert knn_monitor_hook(resolve("tiny-dino"), None, torch.device("cpu")) is not None
     assert knn_monitor_hook(resolve("tiny-dino", ["run.knn_monitor=false"]), None, torch.device("cpu")) is None
+
+
+def test_evaluation_refuses_a_folder_without_held_out_split(tmp_path):
+    import pytest
+
+    from glsd_cli.errors import DataError
+    from glsd_cli.eval.splits import open_labelled_pair
+
+    _folder(tmp_path)
+    with pytest.raises(DataError, match="no held-out split"):
+        open_labelled_pair(str(tmp_path), None, None)
+    train, val = open_labelled_pair(str(tmp_path), None, str(tmp_path))  # explicit: the user's choice
+    assert len(train) == len(val) == 6

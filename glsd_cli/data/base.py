@@ -84,3 +84,17 @@ class SubsetSource(ImageSource):
 
     def image_size(self) -> str:
         return self.base.image_size()
+
+
+def root_file_list(source: ImageSource) -> list[str] | None:
+    """The files behind a source (through subsets), or None for sources that are not file-backed."""
+    while isinstance(source, SubsetSource):
+        source = source.base
+    paths = getattr(source, "paths", None)
+    return [str(p) for p in paths] if paths is not None else None
+
+
+def same_files(a: ImageSource, b: ImageSource) -> bool:
+    """Whether two sources read the same image files (a folder without train/ and val/ serves both splits)."""
+    files = root_file_list(a)
+    return files is not None and files == root_file_list(b)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from glsd_cli.config import Config
-from glsd_cli.data.base import ImageSource
+from glsd_cli.data.base import ImageSource, same_files
 from glsd_cli.data.loader import EpochSampler, ViewsDataset, make_loader
 from glsd_cli.data.multicrop import MultiCrop
 from glsd_cli.engine import distributed as dist
@@ -88,14 +88,6 @@ def build_schedules(cfg: Config, method, steps_per_epoch: int) -> dict:
     return schedules
 
 
-def _root_paths(source) -> list | None:
-    """The file list of a folder source (through subsets), None for sources without files."""
-    while hasattr(source, "base"):
-        source = source.base
-    paths = getattr(source, "paths", None)
-    return [str(p) for p in paths] if paths is not None else None
-
-
 def knn_monitor_hook(cfg: Config, method, device: torch.device):
     """Epoch-end k-NN top-1 (k = 20) of the teacher on the data's held-out split, when it has one."""
     from glsd_cli.data.sources import open_source
@@ -111,7 +103,7 @@ def knn_monitor_hook(cfg: Config, method, device: torch.device):
         return None
     if not (bank.labelled and queries.labelled):
         return None
-    if _root_paths(queries) is not None and _root_paths(queries) == _root_paths(open_source(cfg.data.train, "train")):
+    if same_files(queries, open_source(cfg.data.train, "train")):
         return None  # a folder without train/ and val/ gives the same images for both: no held-out split
     if len(bank) > KNN_MONITOR_BANK:
         bank = make_subset(bank, count=KNN_MONITOR_BANK, seed=0)

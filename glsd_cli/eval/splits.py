@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from glsd_cli.data.base import ImageSource
+from glsd_cli.data.base import ImageSource, same_files
 from glsd_cli.data.sources import open_source
 from glsd_cli.data.subsets import split_holdout
 from glsd_cli.errors import DataError
@@ -23,6 +23,9 @@ def open_labelled_pair(cfg_train_uri: str, train_uri: str | None, val_uri: str |
     val = open_source(val_uri or train_uri or cfg_train_uri, "val")
     _check_labelled(("training", train), ("evaluation", val))
     _check_same_classes(train, val, "evaluation")
+    if val_uri is None and same_files(train, val):
+        raise DataError(f"{train.uri} has no held-out split (no train/ and val/ folders), so accuracy would be "
+                        "measured on the training images; pass --val-data")
     return train, val
 
 
