@@ -8,15 +8,20 @@ import pytest
 from glsd_cli.cli import main
 
 
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+def invoke(args: list[str]) -> int:
+    """The real entry point in-process with `args`; returns its exit code (output goes to pytest's capture)."""
     old = sys.argv
     sys.argv = ["glsd", *args]
     try:
         with pytest.raises(SystemExit) as exc:
             main()
             raise SystemExit(0)
-        code = exc.value.code or 0
     finally:
         sys.argv = old
+    return int(exc.value.code or 0)
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    code = invoke(args)
     out, err = capsys.readouterr()
-    return int(code), out, err
+    return code, out, err

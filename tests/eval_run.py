@@ -5,28 +5,16 @@ Tests that change files of the run (its checkpoint, its feature cache) work on `
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
-import pytest
 
-from glsd_cli.cli import main
+from tests.cli_helpers import invoke
 from tests.conftest import TINY_OVERRIDES
 
 _CACHE: dict[str, Path] = {}
 
 
-def cli(args: list[str]) -> int:
-    """The real entry point in-process; output is left to pytest's capture. Returns the exit code."""
-    old = sys.argv
-    sys.argv = ["glsd", *args]
-    try:
-        with pytest.raises(SystemExit) as exc:
-            main()
-            raise SystemExit(0)
-    finally:
-        sys.argv = old
-    return int(exc.value.code or 0)
+cli = invoke  # the real entry point in-process; returns the exit code
 
 
 def pretrained_run(tmp_path_factory) -> Path:

@@ -14,20 +14,9 @@ from glsd_cli.data.sources import open_source
 from glsd_cli.errors import CheckpointError, GlsdError
 from glsd_cli.eval.features import extract_features as glsd_features
 from glsd_cli.eval.loading import load_pretrained
-from tests.test_export import export, pretrained_run
+from tests.test_export import backbones, export, run_dir  # noqa: F401  (shared module fixtures)
 
 DATA = "synthetic:train=96,val=48,size=16"  # the tiny run's own data (tests/conftest.py)
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    return pretrained_run(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def backbones(run_dir):
-    _, method, _ = load_pretrained(run_dir)
-    return {"teacher": method.backbone("teacher").eval(), "student": method.backbone("student").eval()}
 
 
 @pytest.fixture(scope="module")
