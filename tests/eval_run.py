@@ -7,7 +7,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-
 from tests.cli_helpers import invoke
 from tests.conftest import TINY_OVERRIDES
 
