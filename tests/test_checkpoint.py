@@ -85,3 +85,19 @@ def test_truncated_and_foreign_files_give_clear_errors(tmp_path, tiny_cfg):
 
 def test_sub_dict_strips_prefix():
     assert sub_dict({"model/a": 1, "optim/b": 2}, "model/") == {"a": 1}
+
+
+@pytest.mark.parametrize("low_byte", [0x80, ord("P")])
+def test_safetensors_whose_header_length_starts_like_a_pickle_still_load(tmp_path, low_byte):
+    # A safetensors file begins with its header length (u64 little-endian); a length whose low byte
+    # is 0x80 (the pickle protocol byte) or 'P' (torch.save's zip) must not be taken for a pickle.
+    # (A real demo checkpoint had a 33408-byte header: 0x8280.)
+    path = tmp_path / "last.safetensors"
+    for pad in range(300):
+        save_tensors(path, {"w": torch.arange(3.0)}, {"pad": "x" * pad})
+        if path.read_bytes()[0] == low_byte:
+            break
+    else:
+        pytest.fail("no padding gave the wanted header length")
+    tensors, meta = read_checkpoint(path)
+    assert torch.equal(tensors["w"], torch.arange(3.0)) and meta["pad"] == "x" * pad

@@ -85,9 +85,18 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
 
 
 def _looks_like_pickle(path: Path) -> bool:
+    """A pickle (protocol byte 0x80) or torch.save zip ("PK") that is not a safetensors file.
+
+    A safetensors file starts with its header length (u64, little-endian) and then the JSON header
+    '{': its first byte is the low byte of that length and can itself be 0x80 (a header of 33408
+    bytes does it), so that layout is ruled out before the pickle signatures are looked at.
+    """
     with open(path, "rb") as f:
-        head = f.read(4)
-    return head[:1] == b"\x80" or head[:2] == b"PK"  # pickle protocol byte / torch.save zip
+        head = f.read(9)
+    size = path.stat().st_size
+    if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= size - 8:
+        return False
+    return head[:1] == b"\x80" or head[:2] == b"PK"
 
 
 def resolve_checkpoint_path(path: str | Path) -> Path:
