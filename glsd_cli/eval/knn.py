@@ -38,7 +38,7 @@ def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_
         target = test_labels[start:start + chunk]
         for k in ks:
             kk = min(k, k_max)
-            votes = torch.zeros(len(sim), num_classes, dtype=weights.dtype)
+            votes = torch.zeros(len(sim), num_classes, dtype=weights.dtype, device=weights.device)
             votes.scatter_add_(1, top_labels[:, :kk], weights[:, :kk])
             pred = votes.argsort(dim=1, descending=True, stable=True)
             correct[k][0] += int((pred[:, 0] == target).sum())

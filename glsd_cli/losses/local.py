@@ -165,13 +165,16 @@ class LocalDistillationLoss(nn.Module):
         image, all-reduced across processes (ALGORITHMS.md §3; DINO's centre, applied per token)."""
         if not teacher_z:
             raise ValueError("teacher_z is empty")
-        flat = [z.detach().reshape(-1, z.shape[-1]) for z in teacher_z]
+        # Teacher tokens may be bf16 (made under autocast) while this runs outside autocast with the
+        # layer's own (fp32) weights: feed the layer its parameters' dtype.
+        dtype = next(teacher_last.parameters()).dtype
+        flat = [z.detach().reshape(-1, z.shape[-1]).to(dtype) for z in teacher_z]
         count = sum(z.shape[0] for z in flat)
         if _is_plain_linear_without_bias(teacher_last):
             # Linear, no bias: mean_i(W z_i) = W mean_i(z_i) exactly (up to float rounding), so one
             # d-dim mean replaces count x K logits.
             z_mean = torch.stack([z.float().sum(0) for z in flat]).sum(0) / count
-            mean = teacher_last(z_mean[None].to(flat[0].dtype)).float()[0]
+            mean = teacher_last(z_mean[None].to(dtype)).float()[0]
         else:
             # General module (bias, non-linear, custom forward): sum logits chunk by chunk.
             mean = self.center.new_zeros(self.out_dim)
