@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from glsd_cli.config import resolve  # noqa: E402
 from glsd_cli.data.loader import ViewsDataset  # noqa: E402
 from glsd_cli.engine.pretrain import make_transform, resolve_auto  # noqa: E402
-from glsd_cli.data.synthetic import SyntheticShapes  # noqa: E402
+from glsd_cli.data.synthetic import SyntheticTextures  # noqa: E402
 from glsd_cli.methods import StepContext, build_method  # noqa: E402
 
 ARMS = ("dino", "dense-only", "geometric", "similarity")
@@ -44,7 +44,7 @@ def build(preset: str, arm: str, batch: int, dense_out_dim: int | None, device: 
         sets.append(f"method.local.out_dim={dense_out_dim}")
     cfg = resolve(preset, sets)
     size = max(cfg.data.global_crop_size, 32)
-    source = SyntheticShapes("train", batch, size=size)
+    source = SyntheticTextures("train", batch, size=size)
     cfg, _ = resolve_auto(cfg, 1_281_167 if cfg.data.global_crop_size >= 224 else len(source))
     torch.manual_seed(0)
     method = build_method(cfg).to(device)

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from glsd_cli.config import resolve  # noqa: E402
 from glsd_cli.data.loader import ViewsDataset  # noqa: E402
-from glsd_cli.data.synthetic import SyntheticShapes  # noqa: E402
+from glsd_cli.data.synthetic import SyntheticTextures  # noqa: E402
 from glsd_cli.engine.optim import param_groups  # noqa: E402
 from glsd_cli.engine.precision import cpu_supports_bf16  # noqa: E402
 from glsd_cli.engine.pretrain import build_schedules, make_transform, resolve_auto  # noqa: E402
@@ -38,7 +38,7 @@ DEFAULTS = {"tiny-dino": (64, 40, 8), "vits16-dino": (8, 6, 2)}
 
 def batches(cfg, batch: int, count: int, device: torch.device) -> list[dict]:
     size = max(cfg.data.global_crop_size, 32)
-    source = SyntheticShapes("train", batch * count, size=size)
+    source = SyntheticTextures("train", batch * count, size=size)
     dataset = ViewsDataset(source, make_transform(cfg), seed=0)
     out = []
     for i in range(count):

@@ -207,7 +207,7 @@ def test_collapse_statistics_and_warnings():
 
 
 def test_collapse_monitor_reads_the_teacher_of_a_real_method(tiny_cfg):
-    from glsd_cli.data.synthetic import SyntheticShapes
+    from glsd_cli.data.synthetic import SyntheticTextures
     from glsd_cli.engine.pretrain import make_transform, resolve_auto
     from glsd_cli.methods import StepContext, build_method
 
@@ -215,7 +215,7 @@ def test_collapse_monitor_reads_the_teacher_of_a_real_method(tiny_cfg):
     method = build_method(cfg)
     monitor = CollapseMonitor(method)
     transform = make_transform(cfg)
-    items = [transform(SyntheticShapes("train", 4, size=16)[i][0], torch.Generator().manual_seed(i)) for i in range(4)]
+    items = [transform(SyntheticTextures("train", 4, size=16)[i][0], torch.Generator().manual_seed(i)) for i in range(4)]
     batch = {"views": [torch.stack([it[0][v] for it in items]) for v in range(len(items[0][0]))]}
     ctx = StepContext(0, 0, 10, {"teacher_temp": 0.04, "momentum": 0.99})
     method.training_step(batch, ctx)

@@ -140,7 +140,7 @@ def test_finetune_beats_chance_and_saves_a_classifier(run, tmp_path, capsys):
     path = mine / "finetune" / "classifier.safetensors"
     assert read_checkpoint(path)[1]["kind"] == "finetune"
     model, meta = load_finetuned(path)
-    assert json.loads(meta["classes"])[0] == "disk"
+    assert json.loads(meta["classes"])[0] == "hstripes"
     val = open_source("synthetic:train=2000,val=500,size=16", "val")
     transform = EvalTransform(16)
     with torch.no_grad():

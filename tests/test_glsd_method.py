@@ -63,7 +63,8 @@ def test_centres_move_after_step():
 
 
 def test_prototype_layers_frozen_in_first_epoch():
-    _, method, _, _ = _setup("geometric")
+    # DINO's defaults (tiny-dino itself trains a short run without either).
+    _, method, _, _ = _setup("geometric", ["head.freeze_last_layer_epochs=1", "head.norm_last_layer=true"])
     frozen = method.frozen_parameters(StepContext(0, 0, 10))
     assert len(frozen) == 2 and all(p.ndim == 2 for p in frozen)  # the two weight-norm directions
     assert method.frozen_parameters(StepContext(1, 5, 10)) == []

@@ -1,7 +1,7 @@
 import torch
 
 from glsd_cli.data.multicrop import MultiCrop, random_resized_crop_box, sample_generator
-from glsd_cli.data.synthetic import SyntheticShapes
+from glsd_cli.data.synthetic import CLASSES, MIN_CONTRAST, SyntheticTextures
 
 
 def test_views_sizes_boxes_and_flips():
@@ -16,7 +16,7 @@ def test_views_sizes_boxes_and_flips():
 
 def test_randomness_is_a_function_of_seed_epoch_index():
     mc = MultiCrop(16, 8, num_local=2)
-    img = SyntheticShapes("train", 4, size=24)[1][0]
+    img = SyntheticTextures("train", 4, size=24)[1][0]
     a = mc(img, sample_generator(3, 1, 7))
     b = mc(img, sample_generator(3, 1, 7))
     c = mc(img, sample_generator(3, 2, 7))
@@ -25,7 +25,7 @@ def test_randomness_is_a_function_of_seed_epoch_index():
 
 
 def test_colour_switch_keeps_geometry():
-    img = SyntheticShapes("train", 2, size=24)[0][0]
+    img = SyntheticTextures("train", 2, size=24)[0][0]
     with_color = MultiCrop(16, 8, 2, color=True)(img, sample_generator(0, 0, 5))
     no_color = MultiCrop(16, 8, 2, color=False)(img, sample_generator(0, 0, 5))
     assert torch.equal(with_color[1], no_color[1]) and torch.equal(with_color[2], no_color[2])
@@ -39,7 +39,21 @@ def test_crop_area_within_scale():
 
 
 def test_synthetic_is_deterministic_and_balanced():
-    a, b = SyntheticShapes("train", 30), SyntheticShapes("train", 30)
+    a, b = SyntheticTextures("train", 30), SyntheticTextures("train", 30)
     assert torch.equal(a[5][0], b[5][0])
-    assert not torch.equal(a[5][0], SyntheticShapes("val", 30)[5][0])
+    assert not torch.equal(a[5][0], SyntheticTextures("val", 30)[5][0])
     assert sorted(set(a.targets)) == list(range(10)) and a.targets.count(0) == 3
+
+
+def test_synthetic_images_are_grey_textures_with_contrast():
+    # Grey levels (no colour for self-distillation to match views by) with two phases at least
+    # MIN_CONTRAST apart (up to the pixel noise), every class present in a split of ten images.
+    source = SyntheticTextures("val", 10)
+    assert source.classes == CLASSES and len(set(CLASSES)) == 10
+    for i in range(10):
+        img = source[i][0].float() / 255
+        assert img.shape == (3, 32, 32)
+        assert (img.max(0).values - img.min(0).values).mean() < 0.15  # channels differ by noise only
+        grey = img.mean(0).flatten()
+        low, high = grey.quantile(0.05), grey.quantile(0.95)
+        assert high - low > MIN_CONTRAST - 0.1, (CLASSES[source[i][1]], float(high - low))

@@ -7,14 +7,16 @@ import pytest
 import torch
 from torch.utils.data import default_collate
 
+from glsd_cli.config import resolve
 from glsd_cli.data.loader import ViewsDataset
-from glsd_cli.data.synthetic import SyntheticShapes
+from glsd_cli.data.synthetic import SyntheticTextures
 from glsd_cli.engine.optim import param_groups
 from glsd_cli.engine.precision import autocast_dtype, cpu_supports_bf16
 from glsd_cli.engine.pretrain import _compile_backbones, build_schedules, make_transform, resolve_auto
 from glsd_cli.engine.trainer import Trainer
 from glsd_cli.errors import GlsdError
 from glsd_cli.methods import build_method
+from tests.conftest import TINY_OVERRIDES
 
 CPU = torch.device("cpu")
 BATCH, STEPS = 16, 2
@@ -44,7 +46,7 @@ def _setup(tiny_cfg, precision="fp32", accum=1, compile=False):
     method = build_method(cfg)
     if compile:
         _compile_backbones(method)
-    dataset = ViewsDataset(SyntheticShapes("train", BATCH * STEPS, size=16), make_transform(cfg), seed=0)
+    dataset = ViewsDataset(SyntheticTextures("train", BATCH * STEPS, size=16), make_transform(cfg), seed=0)
     batches = [default_collate([dataset[i] for i in range(s * BATCH, (s + 1) * BATCH)]) for s in range(STEPS)]
     trainer = Trainer(task=method, optimizer=torch.optim.AdamW(param_groups(method.trainable_modules()), lr=0.0),
                       schedules=build_schedules(cfg, method, STEPS), epochs=1, steps_per_epoch=STEPS, run_dir=None,
@@ -78,9 +80,12 @@ def test_gradient_accumulation_matches_the_full_batch(tiny_cfg):
         assert torch.allclose(value, b[key], rtol=1e-4, atol=1e-5), key
 
 
-def test_bf16_training_stays_close_to_fp32(tiny_cfg):
-    _, t32, batches = _setup(tiny_cfg, "fp32")
-    _, t16, _ = _setup(tiny_cfg, "bf16")
+@pytest.mark.parametrize("preset", ["tiny-dino", "tiny-geo", "tiny-sim"])
+def test_bf16_training_stays_close_to_fp32(preset, tmp_path):
+    # The local-loss presets too: their dense centre update runs outside autocast on bf16 tokens.
+    cfg = resolve(preset, TINY_OVERRIDES + [f'run.out="{tmp_path}"'])
+    _, t32, batches = _setup(cfg, "fp32")
+    _, t16, _ = _setup(cfg, "bf16")
     l32, l16 = _train(t32, batches), _train(t16, batches)
     assert all(np.isfinite(l16))
     assert np.allclose(l32, l16, rtol=0.03), (l32, l16)

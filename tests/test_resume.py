@@ -17,7 +17,7 @@ import torch
 
 from glsd_cli.data.loader import EpochSampler, ViewsDataset, make_loader
 from glsd_cli.data.multicrop import MultiCrop
-from glsd_cli.data.synthetic import SyntheticShapes
+from glsd_cli.data.synthetic import SyntheticTextures
 from glsd_cli.engine.checkpoint import read_checkpoint
 from tests.conftest import TINY_OVERRIDES
 
@@ -100,7 +100,7 @@ def _same(a: list[dict], b: list[dict]) -> bool:
 
 
 def test_views_do_not_depend_on_workers_start_step_or_rank():
-    source = SyntheticShapes("train", 24, size=16)
+    source = SyntheticTextures("train", 24, size=16)
     dataset = ViewsDataset(source, MultiCrop(16, 8, 1), seed=3)
     dataset.set_epoch(2)
     sampler = EpochSampler(len(source), 8, seed=3)
@@ -125,7 +125,7 @@ def test_views_do_not_depend_on_workers_start_step_or_rank():
 
 
 def test_loader_does_not_touch_the_global_rng():
-    source = SyntheticShapes("train", 8, size=16)
+    source = SyntheticTextures("train", 8, size=16)
     dataset = ViewsDataset(source, MultiCrop(16, 8, 1), seed=0)
     state = torch.get_rng_state()
     for _ in make_loader(dataset, EpochSampler(8, 4, seed=0), 4, 0):

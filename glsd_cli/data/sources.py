@@ -78,8 +78,8 @@ def open_source(uri: str, split: str = "train") -> ImageSource:
     scheme, body, query = _parse_uri(uri.strip())
     split = _normalise_split(query if query is not None else split)
     if scheme == "synthetic":
-        from glsd_cli.data.synthetic import SyntheticShapes  # lazy: written separately by the lead
-        return SyntheticShapes.from_uri(body, split)
+        from glsd_cli.data.synthetic import SyntheticTextures  # lazy: written separately by the lead
+        return SyntheticTextures.from_uri(body, split)
     if not body:
         raise DataError(f"'{uri}' names no path: expected {scheme}:ROOT.")
     root = Path(body).expanduser()

@@ -37,12 +37,12 @@ def read_image(spec: str, synthetic_size: int = 224) -> torch.Tensor:
 
 
 def _synthetic(body: str, size: int) -> torch.Tensor:
-    from glsd_cli.data.synthetic import SyntheticShapes
+    from glsd_cli.data.synthetic import SyntheticTextures
 
     if not body.strip().isdigit():
         raise DataError(f"'synthetic:{body}' is not an image: expected synthetic:INDEX with INDEX a number, e.g. synthetic:3")
     index = int(body)
-    source = SyntheticShapes("val", size=max(8, size))
+    source = SyntheticTextures("val", size=max(8, size))
     if index >= len(source):
         raise DataError(f"synthetic:{index} does not exist: the built-in val set has images 0..{len(source) - 1}")
     return source[index][0]
