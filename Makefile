@@ -45,6 +45,9 @@ bench: $(STAMP)
 	$(BIN)/python bench/linear_eval_speed.py
 	$(BIN)/python bench/sd_cost.py
 	$(BIN)/python bench/omp_wait_policy.py
+	$(BIN)/python bench/step_bound.py
+	$(BIN)/python bench/data_pipeline.py
+	$(BIN)/python bench/knn_speed.py
 
 ## The low-data comparison on Fashion-MNIST (installs the Debian package with the IDX files if missing).
 bench-lowdata: $(STAMP)
