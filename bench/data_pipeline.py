@@ -24,29 +24,24 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (glsd_cli/__init__.py)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, bench_config, machine, peak_rss_mib, write_report  # noqa: E402  (first: sets paths)
 
 import torch  # noqa: E402
 from torchvision.transforms import InterpolationMode, v2  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
-
-from step_bound import IMAGENET_N, RESULT as STEP_BOUND, TINY_N, machine, peak_rss_mib  # noqa: E402
+from step_bound import RESULT as STEP_BOUND  # noqa: E402
 from train_precision import batches, run_arm  # noqa: E402
 
-from glsd_cli.config import resolve  # noqa: E402
 from glsd_cli.data.multicrop import IMAGENET_MEAN, IMAGENET_STD, MultiCrop, sample_generator  # noqa: E402
 from glsd_cli.data.synthetic import SyntheticTextures  # noqa: E402
-from glsd_cli.engine.pretrain import make_transform, resolve_auto  # noqa: E402
+from glsd_cli.engine.pretrain import make_transform  # noqa: E402
 
-RESULT = ROOT / "bench" / "results" / "data_pipeline.json"
+RESULT = RESULTS / "data_pipeline.json"
 # Images timed per round: a 224-px multi-crop costs ~50× a 32-px one.
 DEFAULT_IMAGES = {"tiny-dino": 400, "vits16-geo": 60}
 QUICK_BATCH = {"tiny-dino": 64, "vits16-geo": 2}  # as step_bound.py's defaults
@@ -113,8 +108,7 @@ def main() -> None:
     given = {k: float(v) for k, v in (item.split("=") for item in args.step_images_per_s.split(",") if item)}
     report = {"machine": machine(torch.device("cpu")), "presets": {}}
     for preset in args.presets.split(","):
-        cfg = resolve(preset, ["run.knn_monitor=false"])
-        cfg, _ = resolve_auto(cfg, IMAGENET_N if cfg.data.global_crop_size >= 224 else TINY_N)
+        cfg = bench_config(preset)
         # 256 px: the ImageNet short side before DINO's crops (a 224 crop of an image resized to 256).
         size = args.image_size or (256 if cfg.data.global_crop_size >= 224 else max(cfg.data.global_crop_size, 32))
         source = SyntheticTextures("train", args.distinct, size=size)
@@ -158,9 +152,7 @@ def main() -> None:
     for preset, e in report["presets"].items():
         print(f"{preset}: training-step images/s — {e['step_images_per_s_source']}")
     print(f"\npeak RSS {report['peak_rss_mib']:.0f} MiB")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
-    print(f"wrote {args.out}")
+    write_report(args.out, report)
 
 
 if __name__ == "__main__":

@@ -15,31 +15,25 @@ Writes bench/results/knn_speed.json and prints Markdown tables.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (glsd_cli/__init__.py)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, bench_config, machine, peak_rss_mib, write_report  # noqa: E402  (first: sets paths)
 
 import torch  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
-
-from step_bound import machine, peak_rss_mib, pick_device  # noqa: E402
-
-from glsd_cli.config import resolve  # noqa: E402
 from glsd_cli.data.loader import EvalDataset  # noqa: E402
 from glsd_cli.data.multicrop import EvalTransform  # noqa: E402
 from glsd_cli.data.synthetic import SyntheticTextures  # noqa: E402
+from glsd_cli.engine.precision import pick_device  # noqa: E402
 from glsd_cli.eval.features import extract_features  # noqa: E402
 from glsd_cli.eval.knn import DEFAULT_KS, knn_classify  # noqa: E402
 from glsd_cli.models.backbone import Backbone  # noqa: E402
 
-RESULT = ROOT / "bench" / "results" / "knn_speed.json"
+RESULT = RESULTS / "knn_speed.json"
 VITS_DIM = 384  # ViT-S/16 embedding width (timm vit_small_patch16_224)
 NUM_CLASSES = 10  # the built-in data's classes (glsd_cli/data/synthetic.py CLASSES)
 
@@ -91,7 +85,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     ks = tuple(int(k) for k in args.ks.split(","))
-    cfg = resolve("tiny-dino", ["run.knn_monitor=false"])
+    cfg = bench_config("tiny-dino")
     size = cfg.data.global_crop_size
     torch.manual_seed(0)
     backbone = Backbone(cfg.model, size).to(device)
@@ -130,9 +124,7 @@ def main() -> None:
             print(f"| {name} | {key if key != 'all' else 'all of ' + args.ks} | {r['median_s']:.3f} | {top1} |")
     print(f"\nk-NN evaluation in all (extraction of both splits + search with all k, backbone features): "
           f"{report['total_s']:.1f} s; peak RSS {report['peak_rss_mib']:.0f} MiB")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
-    print(f"wrote {args.out}")
+    write_report(args.out, report)
 
 
 if __name__ == "__main__":

@@ -126,7 +126,7 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     name = f"local_overhead-{Path(args.preset).stem}" + (f"-d{args.dense_out_dim}" if args.dense_out_dim else "")
     (out_dir / f"{name}.json").write_text(json.dumps(summary, indent=2))
-    print(f"\n| arm | ms/step | images/s | peak MiB |\n|---|---|---|---|")
+    print("\n| arm | ms/step | images/s | peak MiB |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['arm']} | {r['step_s'] * 1000:.1f} | {r['images_per_s']:.1f} | {r['peak_mib']:.0f} |")
     print(f"\ndense head: +{dense * 1000:.1f} ms; geometric matching: "

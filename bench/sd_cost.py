@@ -56,7 +56,7 @@ def _build(spec: dict, sd: bool):
 
     from glsd_cli.config import resolve
     from glsd_cli.engine.pretrain import resolve_auto
-    from glsd_cli.engine.trainer import param_groups
+    from glsd_cli.engine.optim import param_groups
     from glsd_cli.methods import StepContext, build_method
 
     torch.manual_seed(0)

@@ -22,37 +22,27 @@ Writes bench/results/step_bound.json and prints Markdown tables.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import resource
 import statistics
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (glsd_cli/__init__.py)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, bench_config, machine, peak_rss_mib, sync, write_report  # noqa: E402  (first: sets paths)
 
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
-
 from train_precision import batches  # noqa: E402  (pre-built multi-crop batches on the device)
 
-from glsd_cli.config import resolve  # noqa: E402
 from glsd_cli.engine.optim import param_groups  # noqa: E402
-from glsd_cli.engine.precision import autocast_dtype, cpu_supports_bf16  # noqa: E402
-from glsd_cli.engine.pretrain import build_schedules, resolve_auto  # noqa: E402
+from glsd_cli.engine.precision import autocast_dtype, cpu_supports_bf16, pick_device  # noqa: E402
+from glsd_cli.engine.pretrain import build_schedules  # noqa: E402
 from glsd_cli.engine.trainer import Trainer  # noqa: E402
 from glsd_cli.methods import build_method  # noqa: E402
 from glsd_cli.methods.glsd import NUM_GLOBAL  # noqa: E402
 
-RESULT = ROOT / "bench" / "results" / "step_bound.json"
+RESULT = RESULTS / "step_bound.json"
 DEFAULT_BATCH = {"tiny-dino": 64, "tiny-geo": 64, "vits16-geo": 2}  # tiny: the presets' data.batch_size
-IMAGENET_N = 1_281_167  # ImageNet-1k train size, as train_precision.py: resolves `auto` values at 224 px
-TINY_N = 2000           # the built-in data's default train split (glsd_cli/data/synthetic.py _DEFAULTS)
 aten = torch.ops.aten
 
 
@@ -62,28 +52,6 @@ CPU_SDPA = {aten._scaled_dot_product_flash_attention_for_cpu:
             lambda q, k, v, *a, out_shape=None, **kw: sdpa_flop_count(q, k, v),
             aten._scaled_dot_product_flash_attention_for_cpu_backward:
             lambda g, q, k, v, *a, out_shape=None, **kw: sdpa_backward_flop_count(g, q, k, v)}
-
-
-def machine(device: torch.device) -> dict:
-    """Where the figures were taken (shared by data_pipeline.py and knn_speed.py)."""
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-            "load_average_1min": round(os.getloadavg()[0], 2), "cpu_native_bf16": cpu_supports_bf16(),
-            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def pick_device(name: str) -> torch.device:
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
 
 
 def matmul_peak(dtype: torch.dtype, n: int, reps: int, device: torch.device) -> dict:
@@ -196,9 +164,7 @@ def time_arm(cfg, precision: str, data: list[dict], steps: int, warmup: int, loc
 
 def run_preset(preset: str, batch: int, steps: int, warmup: int, precisions: list[str], peaks: dict,
                device: torch.device, dense_out_dim: int | None = None) -> dict:
-    sets = ["run.knn_monitor=false"] + ([f"method.local.out_dim={dense_out_dim}"] if dense_out_dim else [])
-    cfg = resolve(preset, sets)
-    cfg, _ = resolve_auto(cfg, IMAGENET_N if cfg.data.global_crop_size >= 224 else TINY_N)
+    cfg = bench_config(preset, [f"method.local.out_dim={dense_out_dim}"] if dense_out_dim else [])
     data = batches(cfg, batch, 2, device)
     local_on = cfg.method.local.matching != "none"
     arms, flops = [], None
@@ -283,9 +249,7 @@ def main() -> None:
         print(f"| {preset} | {100 * s['backbone']:.1f} % | {100 * s['head']:.1f} % (out_dim {r['head_out_dim']}) | "
               f"{dense} | {r['parts_sum_over_model']:.3f} | {s['full_step_executed']:.2f}× |")
     print(f"\npeak RSS {report['peak_rss_mib']:.0f} MiB")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
-    print(f"wrote {args.out}")
+    write_report(args.out, report)
 
 
 if __name__ == "__main__":

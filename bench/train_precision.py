@@ -10,25 +10,23 @@ Writes bench/results/train_precision.json (and -cuda.json on a GPU) and prints a
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import torch
-from torch.utils.data import default_collate
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, bench_config, write_report  # noqa: E402  (first: sets paths)
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import torch  # noqa: E402
+from torch.utils.data import default_collate  # noqa: E402
 
-from glsd_cli.config import resolve  # noqa: E402
 from glsd_cli.data.loader import ViewsDataset  # noqa: E402
 from glsd_cli.data.synthetic import SyntheticTextures  # noqa: E402
 from glsd_cli.engine.optim import param_groups  # noqa: E402
-from glsd_cli.engine.precision import cpu_supports_bf16  # noqa: E402
-from glsd_cli.engine.pretrain import build_schedules, make_transform, resolve_auto  # noqa: E402
+from glsd_cli.engine.precision import cpu_supports_bf16, pick_device  # noqa: E402
+from glsd_cli.engine.pretrain import build_schedules, make_transform  # noqa: E402
 from glsd_cli.engine.trainer import Trainer  # noqa: E402
 from glsd_cli.methods import build_method  # noqa: E402
 
@@ -81,8 +79,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = pick_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     precisions = ["fp32", "bf16"] + (["fp16"] if device.type == "cuda" else [])
@@ -93,8 +90,7 @@ def main() -> None:
     for preset in args.presets.split(","):
         batch, steps, distinct = DEFAULTS.get(preset, (16, 10, 2))
         batch, steps = args.batch or batch, args.steps or steps
-        cfg = resolve(preset, ["run.knn_monitor=false"])
-        cfg, _ = resolve_auto(cfg, 1_281_167 if cfg.data.global_crop_size >= 224 else 2000)
+        cfg = bench_config(preset)
         data = batches(cfg, batch, distinct, device)
         arms = [run_arm(cfg, p, data, steps, args.warmup, device) for p in precisions]
         ref = arms[0]["losses"]
@@ -110,10 +106,8 @@ def main() -> None:
     for preset, batch, steps, a in rows:
         print(f"| {preset} | {batch} | {steps} | {a['precision']} | {a['median_step_s']:.3f} | {a['images_per_s']:.1f} | "
               f"{a['speedup_vs_fp32']:.2f}× | {a['max_rel_loss_diff_vs_fp32']:.2e} | {a['losses'][-1]:.4f} |")
-    out = ROOT / "bench" / "results" / f"train_precision{'-cuda' if device.type == 'cuda' else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
-    print(f"wrote {out}")
+    out = RESULTS / f"train_precision{'-cuda' if device.type == 'cuda' else ''}.json"
+    write_report(out, report)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,57 @@
+"""What the benchmark scripts share: where results go, the machine they ran on, peak memory, and a
+preset resolved as a benchmark runs it."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import sys
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (glsd_cli/__init__.py)
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+from glsd_cli.config import Config, resolve  # noqa: E402
+from glsd_cli.data.size_defaults import IMAGENET_N  # noqa: E402
+from glsd_cli.data.synthetic import SyntheticTextures  # noqa: E402
+from glsd_cli.engine.precision import cpu_supports_bf16  # noqa: E402
+from glsd_cli.engine.pretrain import resolve_auto  # noqa: E402
+
+
+def bench_config(preset: str, sets: list[str] | tuple[str, ...] = ()) -> Config:
+    """A preset without the k-NN monitor, its `auto` values resolved for the data it is meant for:
+    ImageNet-1k for 224-px presets, the built-in data's training split for the tiny ones."""
+    cfg = resolve(preset, ["run.knn_monitor=false", *sets])
+    n = IMAGENET_N if cfg.data.global_crop_size >= 224 else len(SyntheticTextures("train"))
+    return resolve_auto(cfg, n)[0]
+
+
+def machine(device: torch.device) -> dict:
+    """Where the figures were taken."""
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "load_average_1min": round(os.getloadavg()[0], 2), "cpu_native_bf16": cpu_supports_bf16(),
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (it never goes down: one figure per process)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def write_report(path: Path, report: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1))
+    print(f"wrote {path}")
