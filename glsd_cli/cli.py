@@ -1,7 +1,6 @@
 """The `glsd` command line. Thin: arguments → config → engine call. User errors → one line, exit 2."""
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Annotated, Optional

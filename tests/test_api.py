@@ -13,7 +13,6 @@ from glsd_cli.data.multicrop import EvalTransform
 from glsd_cli.data.sources import open_source
 from glsd_cli.errors import CheckpointError, GlsdError
 from glsd_cli.eval.features import extract_features as glsd_features
-from glsd_cli.eval.loading import load_pretrained
 from tests.test_export import backbones, export, run_dir  # noqa: F401  (shared module fixtures)
 
 DATA = "synthetic:train=96,val=48,size=16"  # the tiny run's own data (tests/conftest.py)

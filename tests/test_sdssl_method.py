@@ -13,7 +13,7 @@ import torch
 from glsd_cli.config import resolve
 from glsd_cli.data.loader import ViewsDataset
 from glsd_cli.engine.pretrain import make_method_transform, open_training_source, resolve_auto
-from glsd_cli.engine.trainer import param_groups
+from glsd_cli.engine.optim import param_groups
 from glsd_cli.errors import ConfigError
 from glsd_cli.methods import StepContext, build_method
 from glsd_cli.models.mocov3_vit import sincos_2d_position_embedding

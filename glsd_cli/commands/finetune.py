@@ -7,11 +7,11 @@ from typing import Annotated, Optional
 
 import typer
 
-DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda")]
+from glsd_cli.commands.options import CheckpointArg, DeviceOpt
 
 
 def command(
-    checkpoint: Annotated[Path, typer.Argument(help="a run directory or a .safetensors checkpoint")],
+    checkpoint: CheckpointArg,
     train_data: Annotated[Optional[str], typer.Option("--train-data", help="labelled training data (default: the run's data, train split)")] = None,
     val_data: Annotated[Optional[str], typer.Option("--val-data", help="labelled data the accuracy is reported on (default: the training data's held-out split); nothing is selected on it")] = None,
     select_data: Annotated[Optional[str], typer.Option("--select-data", help="labelled data to select the best epoch on, instead of a holdout carved from --train-data")] = None,

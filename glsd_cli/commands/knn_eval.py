@@ -7,22 +7,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from glsd_cli.errors import GlsdError
+from glsd_cli.commands.options import CheckpointArg, DeviceOpt, parse_list
 
-DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda")]
 LAYERS_HELP = ("also evaluate intermediate blocks: 'all' or block numbers counted from 1 like 4,8,12 "
                "(-1 = the last block); each block's CLS goes through the shared final norm. Prints a per-block table")
 
 
-def _parse_ints(text: str, what: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise GlsdError(f"{what} must be a comma-separated list of integers, got '{text}'") from None
-
-
 def command(
-    checkpoint: Annotated[Path, typer.Argument(help="a run directory or a .safetensors checkpoint")],
+    checkpoint: CheckpointArg,
     train_data: Annotated[Optional[str], typer.Option("--train-data", help="labelled data for the k-NN bank (default: the run's data, train split)")] = None,
     val_data: Annotated[Optional[str], typer.Option("--val-data", help="labelled test data (default: the run's data, held-out split)")] = None,
     k: Annotated[str, typer.Option("--k", help="neighbour counts, comma-separated")] = "10,20,100,200",
@@ -42,7 +34,7 @@ def command(
     """k-NN accuracy (DINO's weighted vote) of a backbone's CLS features, for the final block or per block."""
     from glsd_cli.eval.knn_command import KnnOptions, run_knn_eval
 
-    opts = KnnOptions(train_uri=train_data, val_uri=val_data, ks=tuple(_parse_ints(k, "--k")), temperature=temperature,
+    opts = KnnOptions(train_uri=train_data, val_uri=val_data, ks=parse_list(k, int, "--k"), temperature=temperature,
                       layers=layers, student=student, train_fraction=train_fraction, seed=seed, device=device,
                       batch_size=batch_size, random_init=random_init, cache=cache, cache_dir=cache_dir, output=output,
                       quiet=quiet)

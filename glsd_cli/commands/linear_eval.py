@@ -7,22 +7,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from glsd_cli.errors import GlsdError
+from glsd_cli.commands.options import CheckpointArg, DeviceOpt, parse_list
 
-DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda")]
-
-
-def _parse_floats(text: str | None, what: str) -> tuple[float, ...] | None:
-    if text is None:
-        return None
-    try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise GlsdError(f"{what} must be a comma-separated list of numbers, got '{text}'") from None
 
 
 def command(
-    checkpoint: Annotated[Path, typer.Argument(help="a run directory or a .safetensors checkpoint")],
+    checkpoint: CheckpointArg,
     train_data: Annotated[Optional[str], typer.Option("--train-data", help="labelled training data (default: the run's data, train split)")] = None,
     val_data: Annotated[Optional[str], typer.Option("--val-data", help="labelled data the accuracy is reported on (default: the training data's held-out split); nothing is selected on it")] = None,
     select_data: Annotated[Optional[str], typer.Option("--select-data", help="labelled data to select the lr and epoch on, instead of a holdout carved from --train-data")] = None,
@@ -53,7 +43,7 @@ def command(
                          holdout_fraction=holdout_fraction, seed=seed, layers=layers, n_last_blocks=n_last_blocks,
                          avgpool=avgpool_patchtokens, student=student, cached=cached, augment=augment,
                          min_crop_scale=min_crop_scale, epochs=epochs,
-                         batch_size=batch_size, lr=lr, lr_grid=_parse_floats(lr_grid, "--lr-grid"), device=device,
+                         batch_size=batch_size, lr=lr, lr_grid=None if lr_grid is None else parse_list(lr_grid, float, "--lr-grid"), device=device,
                          num_workers=num_workers, cache=cache, cache_dir=cache_dir, output=output, quiet=quiet)
     result = run_linear_eval(checkpoint, opts)
     typer.echo(json.dumps(result["summary"]))

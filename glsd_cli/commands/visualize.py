@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from glsd_cli.commands.options import DeviceOpt
 from glsd_cli.errors import GlsdError
 from glsd_cli.viz.images import IMAGE_HELP
 
@@ -19,7 +20,6 @@ app = typer.Typer(help="Pictures: attention maps, token matches, feature embeddi
 CheckpointArg = Annotated[Path, typer.Argument(help="a run directory or a .safetensors pre-training checkpoint")]
 ImageArg = Annotated[str, typer.Argument(help=IMAGE_HELP)]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="folder for the PNG files (created if missing)")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda")]
 StudentOpt = Annotated[bool, typer.Option("--student", help="use the student backbone instead of the teacher")]
 
 

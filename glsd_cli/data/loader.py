@@ -19,12 +19,12 @@ from glsd_cli.data.multicrop import MultiCrop, sample_generator
 from glsd_cli.errors import ConfigError
 
 
-class ViewsDataset(Dataset):
-    """Wraps a source: item i of epoch e → its multi-crop views with boxes and flips."""
+class SeededEpochDataset(Dataset):
+    """A source whose item i in epoch e is augmented from `sample_generator(seed, e, i)`; the training
+    loops call `set_epoch` before each epoch."""
 
-    def __init__(self, source: ImageSource, transform: MultiCrop, seed: int):
+    def __init__(self, source: ImageSource, seed: int):
         self.source = source
-        self.transform = transform
         self.seed = seed
         self.epoch = 0
 
@@ -33,6 +33,14 @@ class ViewsDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.source)
+
+
+class ViewsDataset(SeededEpochDataset):
+    """Wraps a source: item i of epoch e → its multi-crop views with boxes and flips."""
+
+    def __init__(self, source: ImageSource, transform: MultiCrop, seed: int):
+        super().__init__(source, seed)
+        self.transform = transform
 
     def __getitem__(self, index: int) -> dict:
         image, label = self.source[index]

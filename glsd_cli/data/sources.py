@@ -31,7 +31,7 @@ def describe_schemes() -> str:
     return "\n".join([
         "PATH or folder:PATH       image folder (class sub-folders -> labelled; else unlabelled;"
         " train/ and val/ inside are picked by split)",
-        "synthetic[:OPTIONS]       built-in generated shapes (no files needed)",
+        "synthetic[:OPTIONS]       built-in generated grey-level textures (no files needed)",
         "cifar10:ROOT              ROOT/cifar-10-batches-py (python pickle version)",
         "cifar100:ROOT             ROOT/cifar-100-python (fine labels)",
         "stl10:ROOT                ROOT/stl10_binary (split: train, val, unlabelled, train+unlabelled)",

@@ -29,8 +29,8 @@ from glsd_cli.engine.checkpoint import (CHECKPOINT_NAME, load_optimizer, load_st
                                         save_tensors, sub_dict)
 from glsd_cli.engine.metrics import MetricsLog, console, progress_bar
 from glsd_cli.engine.monitors import CollapseMonitor, collapse_warning
-from glsd_cli.engine.optim import clip_gradients, clip_per_parameter, grad_norms, param_groups  # noqa: F401
-from glsd_cli.engine.precision import autocast_dtype, cpu_supports_bf16, pick_device  # noqa: F401 (re-exported)
+from glsd_cli.engine.optim import clip_gradients, grad_norms
+from glsd_cli.engine.precision import autocast_dtype
 from glsd_cli.errors import CheckpointError, DataError, GlsdError
 from glsd_cli.methods.base import StepContext
 

@@ -36,7 +36,8 @@ from glsd_cli.data.loader import EpochSampler, EvalDataset, make_loader
 from glsd_cli.data.multicrop import EvalTransform
 from glsd_cli.engine.checkpoint import CHECKPOINT_NAME, load_state_strict, read_checkpoint, save_tensors
 from glsd_cli.engine.schedules import cosine_schedule
-from glsd_cli.engine.trainer import Trainer, pick_device
+from glsd_cli.engine.precision import pick_device
+from glsd_cli.engine.trainer import Trainer
 from glsd_cli.errors import CheckpointError, DataError, GlsdError
 from glsd_cli.eval.loading import load_pretrained
 from glsd_cli.eval.report import pct, print_table, write_results

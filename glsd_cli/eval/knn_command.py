@@ -12,7 +12,7 @@ import torch
 
 from glsd_cli.data.subsets import make_subset
 from glsd_cli.engine.metrics import console
-from glsd_cli.engine.trainer import pick_device
+from glsd_cli.engine.precision import pick_device
 from glsd_cli.errors import GlsdError
 from glsd_cli.eval.feature_cache import FeatureCache
 from glsd_cli.eval.features import FeatureRequest, parse_blocks

@@ -27,7 +27,8 @@ import torch
 from glsd_cli.data.base import SubsetSource
 from glsd_cli.data.loader import EpochSampler, make_loader
 from glsd_cli.engine.checkpoint import CHECKPOINT_NAME
-from glsd_cli.engine.trainer import Trainer, pick_device
+from glsd_cli.engine.precision import pick_device
+from glsd_cli.engine.trainer import Trainer
 from glsd_cli.errors import DataError, GlsdError
 from glsd_cli.eval.feature_cache import FeatureCache
 from glsd_cli.eval.features import FeatureRequest, parse_blocks

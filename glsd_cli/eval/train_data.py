@@ -6,12 +6,12 @@ Each item's augmentation is a function of (seed, epoch, index) through `multicro
 from __future__ import annotations
 
 import torch
-from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from glsd_cli.data.base import ImageSource
+from glsd_cli.data.loader import SeededEpochDataset
 from glsd_cli.data.multicrop import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, random_resized_crop_box, sample_generator
 
 # torchvision's RandomResizedCrop default scale, used by DINO's eval_linear.py and DeiT.
@@ -22,7 +22,7 @@ RANDAUG_BINS = 11
 RANDAUG_OPS = 2  # operations per image (timm's and torchvision's default n = 2)
 
 
-class AugmentedImages(Dataset):
+class AugmentedImages(SeededEpochDataset):
     """Item i of epoch e → {'image', 'label', 'index'}.
 
     augment=True:  RandomResizedCrop(size, scale min_crop_scale–1; the protocols' 0.08 by default) +
@@ -36,20 +36,14 @@ class AugmentedImages(Dataset):
     def __init__(self, source: ImageSource, size: int, seed: int, augment: bool = True,
                  interpolation: InterpolationMode = InterpolationMode.BILINEAR,
                  randaugment_magnitude: int | None = None, min_crop_scale: float = CROP_SCALE[0]):
-        self.source, self.size, self.seed, self.augment = source, size, seed, augment
+        super().__init__(source, seed)
+        self.size, self.augment = size, augment
         self.crop_scale = (min_crop_scale, CROP_SCALE[1])
         self.interpolation = interpolation
         self.eval_transform = EvalTransform(size)
         # RandAugment's rotate/shear/translate: bilinear, the best torchvision's tensor kernels offer.
         self.randaugment = (v2.RandAugment(RANDAUG_OPS, randaugment_magnitude, RANDAUG_BINS,
                                            InterpolationMode.BILINEAR) if randaugment_magnitude is not None else None)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.source)
 
     def __getitem__(self, index: int) -> dict:
         image, label = self.source[index]

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from glsd_cli.config import Config, ModelConfig
+from glsd_cli.config import Config
 from glsd_cli.engine.checkpoint import load_state_strict, read_checkpoint, resolve_checkpoint_path, sub_dict
 from glsd_cli.errors import CheckpointError, GlsdError
 from glsd_cli.models.backbone import timm_kwargs

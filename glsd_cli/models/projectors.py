@@ -20,7 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence, Union
 
-import torch
 from torch import Tensor, nn
 
 METHODS = ("simclr", "byol", "mocov3")
