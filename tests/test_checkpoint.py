@@ -87,15 +87,19 @@ def test_sub_dict_strips_prefix():
     assert sub_dict({"model/a": 1, "optim/b": 2}, "model/") == {"a": 1}
 
 
-@pytest.mark.parametrize("low_byte", [0x80, ord("P")])
-def test_safetensors_whose_header_length_starts_like_a_pickle_still_load(tmp_path, low_byte):
-    # A safetensors file begins with its header length (u64 little-endian); a length whose low byte
-    # is 0x80 (the pickle protocol byte) or 'P' (torch.save's zip) must not be taken for a pickle.
-    # (A real demo checkpoint had a 33408-byte header: 0x8280.)
+@pytest.mark.parametrize("header_start", [b"\x80", b"PK"])
+def test_safetensors_whose_header_length_starts_like_a_pickle_still_load(tmp_path, header_start):
+    # A safetensors file begins with its header length (u64 little-endian): a length whose first
+    # bytes are 0x80 (the pickle protocol byte) or "PK" (torch.save's zip, 0x4B50 = 19280 bytes)
+    # must not be taken for a pickle. (A real demo checkpoint had a 33408-byte header: 0x8280.)
     path = tmp_path / "last.safetensors"
-    for pad in range(300):
+    save_tensors(path, {"w": torch.arange(3.0)}, {"pad": ""})
+    base = int.from_bytes(path.read_bytes()[:8], "little")
+    target = 0x0180 if header_start == b"\x80" else 0x4B50  # little-endian: 80 01 ... / 50 4B ...
+    # The header grows by one byte per padding character, then is padded to a multiple of 8.
+    for pad in range(max(target - base - 8, 0), target - base + 9):
         save_tensors(path, {"w": torch.arange(3.0)}, {"pad": "x" * pad})
-        if path.read_bytes()[0] == low_byte:
+        if path.read_bytes().startswith(header_start):
             break
     else:
         pytest.fail("no padding gave the wanted header length")
