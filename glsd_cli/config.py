@@ -66,6 +66,10 @@ class DinoLossConfig(Section):
     warmup_teacher_temp: float = Field(0.04, gt=0, description="teacher temperature at the start of its warm-up")
     warmup_teacher_temp_epochs: int = Field(0, ge=0, description="epochs of the linear teacher-temperature warm-up")
     center_momentum: float = Field(0.9, ge=0, lt=1, description="EMA momentum of the output centre")
+    centering: Literal["ema", "sinkhorn"] = Field(
+        "ema", description="global targets: ema (DINO's centre) or sinkhorn (Sinkhorn-Knopp over the batch, "
+                           "as DINOv2; the local loss keeps its EMA centre)")
+    sinkhorn_iterations: int = Field(3, ge=1, description="Sinkhorn-Knopp iterations (centering = sinkhorn)")
 
 
 class LocalConfig(Section):

@@ -65,3 +65,66 @@ def test_student_gets_gradient_teacher_does_not():
     loss_fn(s, t, 0.04).backward()
     assert all(x.grad is not None and x.grad.abs().sum() > 0 for x in s)
     assert all(x.grad is None for x in t)
+
+
+# ---------------------------------------------------------------- Sinkhorn-Knopp centring (DINOv2)
+def direct_sinkhorn(logits: torch.Tensor, temp: float, iterations: int) -> torch.Tensor:
+    """DINOv2's sinkhorn_knopp_teacher in float64, linear domain, written out (Oquab et al. 2023)."""
+    q = torch.exp(logits.double() / temp).t()  # (K, N)
+    k, n = q.shape
+    q = q / q.sum()
+    for _ in range(iterations):
+        q = q / q.sum(dim=1, keepdim=True) / k
+        q = q / q.sum(dim=0, keepdim=True) / n
+    return (q * n).t()
+
+
+def test_sinkhorn_matches_direct_algorithm():
+    from glsd_cli.losses.dino import sinkhorn_knopp
+
+    torch.manual_seed(0)
+    logits = torch.randn(24, 10) * 0.2  # small enough for the linear-domain reference
+    for iterations in (1, 3):
+        got = sinkhorn_knopp(logits, 0.04, iterations).double()
+        assert torch.allclose(got, direct_sinkhorn(logits, 0.04, iterations), atol=1e-6)
+
+
+def test_sinkhorn_balances_prototypes_and_survives_large_logits():
+    from glsd_cli.losses.dino import sinkhorn_knopp
+
+    torch.manual_seed(0)
+    # exp(10 / 0.04) overflows float32: the log-domain version must stay finite.
+    logits = torch.randn(40, 8)
+    logits[:, 0] += 10  # every image prefers prototype 0: a plain softmax puts all mass there
+    assert (torch.softmax(logits / 0.04, dim=1).argmax(1) == 0).all()
+    q = sinkhorn_knopp(logits, 0.04, iterations=200)
+    assert torch.isfinite(q).all()
+    assert torch.allclose(q.sum(1), torch.ones(40), atol=1e-5)
+    assert torch.allclose(q.sum(0), torch.full((8,), 40 / 8), atol=0.02)  # equipartition
+    huge = sinkhorn_knopp(torch.randn(40, 8) * 1e4, 0.04, iterations=3)  # no NaN whatever the scale
+    assert torch.isfinite(huge).all() and torch.allclose(huge.sum(1), torch.ones(40), atol=1e-5)
+
+
+def test_dino_loss_with_sinkhorn_targets_matches_formula():
+    torch.manual_seed(2)
+    k = 6
+    loss_fn = DINOLoss(k, centering="sinkhorn", sinkhorn_iterations=3)
+    loss_fn.center.copy_(torch.randn(1, k))  # ignored by Sinkhorn-Knopp
+    student = [torch.randn(5, k) for _ in range(3)]
+    teacher = [torch.randn(5, k) * 0.1 for _ in range(2)]
+    targets = direct_sinkhorn(torch.cat(teacher), 0.04, 3).split(5)  # both global views together
+    want, pairs = 0.0, 0
+    for t, p in enumerate(targets):
+        for s, x in enumerate(student):
+            if s != t:
+                want += -(p * torch.log_softmax(x.double() / 0.1, dim=-1)).sum(-1).mean().item()
+                pairs += 1
+    got = loss_fn(student, teacher, teacher_temp=0.04).item()
+    assert abs(got - want / pairs) < 1e-5
+
+
+def test_unknown_centering_is_refused():
+    import pytest
+
+    with pytest.raises(ValueError, match="centering"):
+        DINOLoss(4, centering="mean")

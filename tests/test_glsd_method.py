@@ -42,6 +42,25 @@ def test_no_local_loss_is_plain_dino():
     assert loss.item() == metrics["loss_global"]
 
 
+def test_sinkhorn_centring_gives_the_global_targets_and_the_monitor_sees_them():
+    from glsd_cli.engine.monitors import CollapseMonitor, collapse_stats
+    from glsd_cli.losses.dino import sinkhorn_knopp
+
+    _, method, batch, ctx = _setup("none", ['method.loss.centering="sinkhorn"', "method.loss.sinkhorn_iterations=4"])
+    monitor = CollapseMonitor(method)
+    with torch.no_grad():
+        views = batch["views"]
+        t_logits = method.teacher["head"](method.teacher["backbone"].forward_tokens(torch.cat(views[:2])).cls)
+        s_logits = [method.student["head"](method.student["backbone"].forward_tokens(v).cls) for v in views]
+    targets = sinkhorn_knopp(t_logits, 0.04, 4).chunk(2)  # both global views normalised together
+    want = [-(targets[t] * torch.log_softmax(s_logits[s] / 0.1, -1)).sum(-1).mean()
+            for t in range(2) for s in range(len(views)) if s != t]
+    loss, metrics = method.training_step(batch, ctx)
+    assert metrics["loss_global"] == pytest.approx(torch.stack(want).mean().item(), rel=1e-4)
+    assert monitor.step_metrics()["teacher_entropy"] == pytest.approx(
+        collapse_stats(torch.cat(targets))["teacher_entropy"], rel=1e-4)
+
+
 def test_one_student_forward_per_resolution(monkeypatch):
     _, method, batch, ctx = _setup("geometric")
     calls = []

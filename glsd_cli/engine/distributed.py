@@ -105,6 +105,15 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+    if not is_distributed():
+        return x
+    y = x.clone()
+    dist.all_reduce(y, op=dist.ReduceOp.MAX)
+    return y
+
+
+@torch.no_grad()
 def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate `x` (same shape on every rank) along dim 0, in rank order, without gradient."""
     if not is_distributed():

@@ -58,14 +58,12 @@ class CollapseMonitor:
                     break  # the global loss is the one to watch; per-layer losses share its targets
 
     def _on_dino_loss(self, module, args, kwargs, output) -> None:  # noqa: ARG002
-        from glsd_cli.losses.dino import teacher_probabilities
-
         teacher = kwargs.get("teacher_logits", args[1] if len(args) > 1 else None)
         temp = kwargs.get("teacher_temp", args[2] if len(args) > 2 else None)
         if teacher is None or temp is None:
             return
         with torch.no_grad():
-            probs = teacher_probabilities(torch.cat([t.detach() for t in teacher]), module.center, temp)
+            probs = torch.cat(module.teacher_targets([t.detach() for t in teacher], temp))
             self._pending.append(collapse_stats(probs))
 
     def step_metrics(self) -> dict[str, float]:

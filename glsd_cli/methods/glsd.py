@@ -14,7 +14,7 @@ from torch import nn
 
 from glsd_cli.config import Config
 from glsd_cli.engine.schedules import teacher_temp_schedule
-from glsd_cli.losses.dino import DINOLoss, teacher_probabilities
+from glsd_cli.losses.dino import DINOLoss
 from glsd_cli.methods.base import Method, StepContext, copy_as_teacher
 from glsd_cli.methods.layerwise import DinoLayerDistillation, sd_weight_schedule
 from glsd_cli.models.backbone import Backbone, TokenOutput
@@ -55,7 +55,8 @@ class GlobalLocalDistillation(Method):
             self.student["sd"] = DinoLayerDistillation(cfg, backbone.embed_dim, backbone.num_blocks)
         # -- end SD
         lc = cfg.method.loss
-        self.dino_loss = DINOLoss(_as_int(h.out_dim, "head.out_dim"), lc.student_temp, lc.center_momentum)
+        self.dino_loss = DINOLoss(_as_int(h.out_dim, "head.out_dim"), lc.student_temp, lc.center_momentum,
+                                  lc.centering, lc.sinkhorn_iterations)
         if self.local_on:
             from glsd_cli.losses.local import LocalDistillationLoss
 
@@ -114,7 +115,7 @@ class GlobalLocalDistillation(Method):
             metrics["loss_local"] = loss_local.item()
             metrics.update(local_stats)
         if self.sd_on:  # SD on DINO/GLSD: L + λ(t)·mean_l L_l, targets the teacher's final P_t
-            probs = [teacher_probabilities(t, self.dino_loss.center, temp) for t in t_logits]
+            probs = self.dino_loss.teacher_targets(t_logits, temp)
             loss_sd, sd_stats = self.student["sd"]([o.layer_cls for o in s_out[:NUM_GLOBAL]],
                                                    self.student["head"].last_layer, probs)
             loss = loss + ctx.values["sd_weight"] * loss_sd
