@@ -70,6 +70,8 @@ class DinoLossConfig(Section):
         "ema", description="global targets: ema (DINO's centre) or sinkhorn (Sinkhorn-Knopp over the batch, "
                            "as DINOv2; the local loss keeps its EMA centre)")
     sinkhorn_iterations: int = Field(3, ge=1, description="Sinkhorn-Knopp iterations (centering = sinkhorn)")
+    koleo_weight: float = Field(
+        0.0, ge=0, description="weight of the KoLeo term on the student's global-view CLS tokens (DINOv2: 0.1; 0 = off)")
 
 
 class LocalConfig(Section):

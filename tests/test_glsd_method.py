@@ -61,6 +61,17 @@ def test_sinkhorn_centring_gives_the_global_targets_and_the_monitor_sees_them():
         collapse_stats(torch.cat(targets))["teacher_entropy"], rel=1e-4)
 
 
+def test_koleo_term_is_added_on_the_students_global_cls_tokens():
+    from glsd_cli.losses.koleo import koleo_loss
+
+    _, method, batch, ctx = _setup("none", ["method.loss.koleo_weight=0.25"])
+    with torch.no_grad():
+        want = sum(koleo_loss(method.student["backbone"].forward_tokens(v).cls) for v in batch["views"][:2])
+    loss, metrics = method.training_step(batch, ctx)
+    assert metrics["loss_koleo"] == pytest.approx(want.item(), rel=1e-4)
+    assert loss.item() == pytest.approx(metrics["loss_global"] + 0.25 * metrics["loss_koleo"], rel=1e-5)
+
+
 def test_one_student_forward_per_resolution(monkeypatch):
     _, method, batch, ctx = _setup("geometric")
     calls = []

@@ -120,6 +120,13 @@ class GlobalLocalDistillation(Method):
                                                    self.student["head"].last_layer, probs)
             loss = loss + ctx.values["sd_weight"] * loss_sd
             metrics.update(sd_stats, sd_weight=ctx.values["sd_weight"])
+        koleo_weight = self.cfg.method.loss.koleo_weight
+        if koleo_weight > 0:  # DINOv2: the sum over the global views of KoLeo on the student's CLS tokens
+            from glsd_cli.losses.koleo import koleo_loss
+
+            loss_koleo = sum(koleo_loss(o.cls) for o in s_out[:NUM_GLOBAL])
+            loss = loss + koleo_weight * loss_koleo
+            metrics["loss_koleo"] = loss_koleo.item()
         # Centres move after the loss, from this step's teacher outputs (DINO's order). With gradient
         # accumulation a step has several micro-batches: the centre moves once, from all of them.
         if getattr(self, "_pending_step", None) != ctx.step:  # also drops a skipped step's outputs
