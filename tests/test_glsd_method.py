@@ -98,3 +98,12 @@ def test_prototype_layers_frozen_in_first_epoch():
     frozen = method.frozen_parameters(StepContext(0, 0, 10))
     assert len(frozen) == 2 and all(p.ndim == 2 for p in frozen)  # the two weight-norm directions
     assert method.frozen_parameters(StepContext(1, 5, 10)) == []
+
+
+def test_koleo_with_one_image_per_step_is_a_config_error():
+    from glsd_cli.errors import ConfigError
+
+    _, method, batch, ctx = _setup("none", ["method.loss.koleo_weight=0.1"])
+    one = {**batch, "views": [v[:1] for v in batch["views"]]}
+    with pytest.raises(ConfigError, match="at least 2 images"):
+        method.training_step(one, ctx)

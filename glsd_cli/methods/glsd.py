@@ -14,7 +14,9 @@ from torch import nn
 
 from glsd_cli.config import Config
 from glsd_cli.engine.schedules import teacher_temp_schedule
+from glsd_cli.errors import ConfigError
 from glsd_cli.losses.dino import DINOLoss
+from glsd_cli.losses.koleo import koleo_loss
 from glsd_cli.methods.base import Method, StepContext, copy_as_teacher
 from glsd_cli.methods.layerwise import DinoLayerDistillation, sd_weight_schedule
 from glsd_cli.models.backbone import Backbone, TokenOutput
@@ -122,8 +124,9 @@ class GlobalLocalDistillation(Method):
             metrics.update(sd_stats, sd_weight=ctx.values["sd_weight"])
         koleo_weight = self.cfg.method.loss.koleo_weight
         if koleo_weight > 0:  # DINOv2: the sum over the global views of KoLeo on the student's CLS tokens
-            from glsd_cli.losses.koleo import koleo_loss
-
+            if len(views[0]) < 2:
+                raise ConfigError("method.loss.koleo_weight > 0 needs at least 2 images per process and "
+                                  f"micro-batch (nearest neighbours); this step has {len(views[0])}")
             loss_koleo = sum(koleo_loss(o.cls) for o in s_out[:NUM_GLOBAL])
             loss = loss + koleo_weight * loss_koleo
             metrics["loss_koleo"] = loss_koleo.item()
