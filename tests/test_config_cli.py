@@ -20,6 +20,7 @@ def test_vits16_dino_is_the_paper_recipe():
     assert (cfg.data.global_crop_size, cfg.data.local_crop_size, cfg.data.num_local_crops) == (224, 96, 8)
     assert cfg.optim.lr == 5e-4 and cfg.optim.warmup_epochs == 10 and cfg.run.epochs == 100
     assert cfg.method.loss.teacher_temp == 0.04 and cfg.optim.clip_grad == 3.0
+    assert cfg.method.loss.centering == "ema" and cfg.method.loss.koleo_weight == 0  # DINO v1: neither
     assert cfg.method.local.matching == "none"
 
 

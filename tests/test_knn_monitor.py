@@ -5,7 +5,7 @@ import torch
 import torchvision
 
 from glsd_cli.config import resolve
-from glsd_cli.engine.pretrain import knn_monitor_hook
+from glsd_cli.engine.pretrain import knn_monitor_hook, open_training_source
 
 
 def _folder(root: Path, split: str = "") -> None:
@@ -37,7 +37,25 @@ def test_evaluation_refuses_a_folder_without_held_out_split(tmp_path):
     from glsd_cli.eval.splits import open_labelled_pair
 
     _folder(tmp_path)
+    cfg = resolve("tiny-dino", [f'data.train="{tmp_path}"'])
     with pytest.raises(DataError, match="no held-out split"):
-        open_labelled_pair(str(tmp_path), None, None)
-    train, val = open_labelled_pair(str(tmp_path), None, str(tmp_path))  # explicit: the user's choice
+        open_labelled_pair(cfg, None, None)
+    train, val = open_labelled_pair(cfg, None, str(tmp_path))  # explicit: the user's choice
     assert len(train) == len(val) == 6
+
+
+def test_evaluation_bank_is_the_runs_own_subset_unless_told_otherwise(tmp_path):
+    from glsd_cli.eval.splits import open_labelled_pair
+
+    data = "synthetic:train=100,val=30,size=8"
+    cfg = resolve("tiny-dino", [f'data.train="{data}"', "data.count=40", "data.subset_seed=1"])
+    bank, val = open_labelled_pair(cfg, None, None)
+    assert len(bank) == 40 and len(val) == 30  # the 40 images the run trained on; all held-out images
+    assert list(bank.indices) == list(open_training_source(cfg).indices)
+    full, _ = open_labelled_pair(cfg, data, None)  # an explicit --train-data is taken whole
+    assert len(full) == 100
+    classes = tmp_path / "classes.txt"
+    classes.write_text("hstripes\nvstripes\n")
+    cfg = resolve("tiny-dino", [f'data.train="{data}"', f'data.classes_file="{classes}"'])
+    bank, val = open_labelled_pair(cfg, None, None)  # a class subset restricts the held-out split too
+    assert bank.classes == val.classes == ["hstripes", "vstripes"] and len(bank) == 20 and len(val) == 6

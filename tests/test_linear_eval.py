@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from glsd_cli.config import ModelConfig
+from glsd_cli.config import ModelConfig, resolve
 from glsd_cli.data.base import SubsetSource
 from glsd_cli.eval.linear import LinearOptions, representations
 from glsd_cli.eval.linear_probes import (EpochScores, LinearProbes, ProbeTask, Representation, epoch_cosine,
@@ -175,7 +175,8 @@ def test_default_representation_follows_dino_by_width():
 
 
 def test_holdout_is_carved_from_training_data_and_disjoint():
-    splits = open_eval_splits("synthetic:train=100,val=30,size=8", None, None, None, 0.2, seed=3)
+    cfg = resolve("tiny-dino", ['data.train="synthetic:train=100,val=30,size=8"'])
+    splits = open_eval_splits(cfg, None, None, None, 0.2, seed=3)
     assert isinstance(splits.select, SubsetSource) and splits.select.base is splits.full_train
     assert not set(splits.train.indices) & set(splits.select.indices)
     assert len(splits.select) == 20 and sorted(splits.select.targets) == sorted(list(range(10)) * 2)

@@ -179,3 +179,15 @@ def save_file_list(source: ImageSource, path: str | Path) -> None:
         line = f"{j}\t{label}"
         lines.append(f"{line}\t{paths[j]}" if paths is not None else line)
     p.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def restrict_to_run_subset(cfg, source: ImageSource) -> ImageSource:
+    """`source` restricted to the subset a run's config selects (data.fraction / per_class / count /
+    classes_file, seeded by data.subset_seed): the images the run trained on. `source` itself when the
+    config selects none. `cfg` is a glsd Config."""
+    d = cfg.data
+    classes = read_class_file(d.classes_file) if d.classes_file else None
+    if any(v is not None for v in (d.fraction, d.per_class, d.count, classes)):
+        source = make_subset(source, fraction=d.fraction, per_class=d.per_class, count=d.count,
+                             classes=classes, seed=d.subset_seed)
+    return source

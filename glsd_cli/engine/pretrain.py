@@ -33,15 +33,9 @@ KNN_MONITOR_QUERIES = 5_000
 def open_training_source(cfg: Config, split: str = "train") -> ImageSource:
     """The configured training data, restricted to the configured subset (low-data regimes)."""
     from glsd_cli.data.sources import open_source
-    from glsd_cli.data.subsets import make_subset, read_class_file
+    from glsd_cli.data.subsets import restrict_to_run_subset
 
-    source = open_source(cfg.data.train, split)
-    d = cfg.data
-    classes = read_class_file(d.classes_file) if d.classes_file else None
-    if any(v is not None for v in (d.fraction, d.per_class, d.count, classes)):
-        source = make_subset(source, fraction=d.fraction, per_class=d.per_class, count=d.count,
-                             classes=classes, seed=d.subset_seed)
-    return source
+    return restrict_to_run_subset(cfg, open_source(cfg.data.train, split))
 
 
 def resolve_auto(cfg: Config, num_images: int) -> tuple[Config, dict[str, object]]:

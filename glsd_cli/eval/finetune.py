@@ -191,7 +191,7 @@ def run_finetune(checkpoint: Path, opts: FinetuneOptions) -> dict:
     device = pick_device(opts.device)
     cfg, method, file = load_pretrained(checkpoint, device)
     which = "student" if opts.student else "teacher"
-    splits = open_eval_splits(cfg.data.train, opts.train_uri, opts.val_uri, opts.select_uri,
+    splits = open_eval_splits(cfg, opts.train_uri, opts.val_uri, opts.select_uri,
                               opts.holdout_fraction, opts.seed)
     if len(splits.train) < opts.batch_size:
         raise DataError(f"the training data has {len(splits.train)} images, fewer than one batch of "

@@ -75,7 +75,7 @@ def run_knn_eval(checkpoint: Path, opts: KnnOptions) -> dict:
         method = build_method(cfg).to(device).eval()
         name = "random-init"
     backbone = method.backbone(which)
-    bank, queries = open_labelled_pair(cfg.data.train, opts.train_uri, opts.val_uri)
+    bank, queries = open_labelled_pair(cfg, opts.train_uri, opts.val_uri)
     if opts.train_fraction is not None:
         bank = make_subset(bank, fraction=opts.train_fraction, seed=opts.seed)
     blocks = parse_blocks(opts.layers, backbone.num_blocks)

@@ -130,7 +130,7 @@ def run_linear_eval(checkpoint: Path, opts: LinearOptions) -> dict:
     which = "student" if opts.student else "teacher"
     backbone = method.backbone(which).eval().requires_grad_(False)
     request, reps, rep_text = representations(opts, backbone)
-    splits = open_eval_splits(cfg.data.train, opts.train_uri, opts.val_uri, opts.select_uri,
+    splits = open_eval_splits(cfg, opts.train_uri, opts.val_uri, opts.select_uri,
                               opts.holdout_fraction, opts.seed)
     if len(splits.train) < opts.batch_size:
         raise DataError(f"the probe's training data has {len(splits.train)} images, fewer than one batch of "

@@ -1,6 +1,7 @@
 """Which images an evaluation trains on, selects on and reports on.
 
-- train: the labelled training data (default: the run's own data, train split);
+- train: the labelled training data (default: the run's own training images: its data's train split,
+         restricted to the run's low-data subset when its config selects one);
 - val:   the data accuracy is reported on (default: the same data's held-out split). It plays the
          test set's role — as ImageNet's 'val' does in DINO — so nothing is ever chosen on it;
 - select: where choices (best learning rate, best epoch) are made: `--select-data`, else a seeded,
@@ -10,22 +11,29 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from glsd_cli.config import Config
 from glsd_cli.data.base import ImageSource, same_files
 from glsd_cli.data.sources import open_source
-from glsd_cli.data.subsets import split_holdout
+from glsd_cli.data.subsets import make_subset, read_class_file, restrict_to_run_subset, split_holdout
 from glsd_cli.errors import DataError
 
 
-def open_labelled_pair(cfg_train_uri: str, train_uri: str | None, val_uri: str | None
+def open_labelled_pair(cfg: Config, train_uri: str | None, val_uri: str | None
                        ) -> tuple[ImageSource, ImageSource]:
-    """The labelled training and evaluation sources: explicit URIs, else the run's data and its held-out split."""
+    """The labelled training and evaluation sources: explicit URIs, else the run's own training images
+    (its low-data subset, if the config selects one) and the same data's held-out split."""
+    cfg_train_uri = cfg.data.train
     train = open_source(train_uri or cfg_train_uri, "train")
     val = open_source(val_uri or train_uri or cfg_train_uri, "val")
-    _check_labelled(("training", train), ("evaluation", val))
-    _check_same_classes(train, val, "evaluation")
     if val_uri is None and same_files(train, val):
         raise DataError(f"{train.uri} has no held-out split (no train/ and val/ folders), so accuracy would be "
                         "measured on the training images; pass --val-data")
+    if train_uri is None:  # the images the run trained on: a 5k-image run evaluates with its 5k labels
+        train = restrict_to_run_subset(cfg, train)
+        if cfg.data.classes_file and val_uri is None:  # and the held-out images of its classes only
+            val = make_subset(val, classes=read_class_file(cfg.data.classes_file))
+    _check_labelled(("training", train), ("evaluation", val))
+    _check_same_classes(train, val, "evaluation")
     return train, val
 
 
@@ -55,9 +63,9 @@ class EvalSplits:
         return len(self.full_train.classes)
 
 
-def open_eval_splits(cfg_train_uri: str, train_uri: str | None, val_uri: str | None, select_uri: str | None,
+def open_eval_splits(cfg: Config, train_uri: str | None, val_uri: str | None, select_uri: str | None,
                      holdout_fraction: float, seed: int) -> EvalSplits:
-    full_train, val = open_labelled_pair(cfg_train_uri, train_uri, val_uri)
+    full_train, val = open_labelled_pair(cfg, train_uri, val_uri)
     if select_uri is not None:
         select = open_source(select_uri, "val")
         _check_labelled(("selection", select))
