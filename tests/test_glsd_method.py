@@ -11,7 +11,9 @@ from tests.conftest import TINY_OVERRIDES
 
 
 def _setup(matching, extra=()):
-    cfg = resolve("tiny-dino", TINY_OVERRIDES + [f'method.local.matching="{matching}"', *extra])
+    # KoLeo off unless a test turns it on: the other tests check the loss terms' weighting without it.
+    cfg = resolve("tiny-dino", TINY_OVERRIDES + [f'method.local.matching="{matching}"', "method.loss.koleo_weight=0",
+                                                 *extra])
     source = open_training_source(cfg)
     cfg, _ = resolve_auto(cfg, len(source))
     method = build_method(cfg)
