@@ -24,7 +24,8 @@ def test_arm_trains_through_cli(preset, local, tmp_path, capsys):
         assert s["loss"] > 0 and s["loss_global"] > 0
         if local:
             assert s["loss_local"] > 0
-            assert s["loss"] == pytest.approx(0.5 * s["loss_global"] + 0.5 * s["loss_local"], rel=1e-4)
+            koleo = config["method"]["loss"]["koleo_weight"] * s.get("loss_koleo", 0.0)  # the presets' KoLeo term
+            assert s["loss"] == pytest.approx(0.5 * s["loss_global"] + 0.5 * s["loss_local"] + koleo, rel=1e-4)
             if preset == "tiny-geo":
                 assert 0 < s["local_valid_fraction"] < 1  # local crops fall partly outside the other view
         else:
