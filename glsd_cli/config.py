@@ -81,6 +81,9 @@ class LocalConfig(Section):
     weight: float = Field(0.5, ge=0, le=1, description="w in L = (1 - w)·L_global + w·L_local")
     out_dim: Union[int, Auto] = Field(8192, description="prototypes of the dense head (iBOT uses 8192 for patch tokens)")
     chunk_tokens: int = Field(8192, gt=0, description="tokens per chunk when computing dense logits (memory bound)")
+    recompute_above_mib: float = Field(
+        32.0, ge=0, description="recompute a chunk's dense logits in backward when its float32 logits exceed this "
+                                "many MiB (smaller chunks keep them; 0 = always recompute)")
 
 
 class SDConfig(Section):

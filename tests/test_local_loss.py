@@ -110,20 +110,22 @@ def test_chunk_size_does_not_change_the_loss(chunk: int) -> None:
     student_last, teacher_last = _last(5), _last(6)
     matches = _geometric_matches(7)
     ref, _ = LocalDistillationLoss(K, chunk_tokens=3)(student_z, teacher_z, student_last, teacher_last, matches, TT)
-    got, _ = LocalDistillationLoss(K, chunk_tokens=chunk)(student_z, teacher_z, student_last, teacher_last, matches, TT)
+    got, _ = LocalDistillationLoss(K, chunk_tokens=chunk, recompute_above_mib=0)(
+        student_z, teacher_z, student_last, teacher_last, matches, TT)
     assert got.item() == pytest.approx(ref.item(), rel=1e-6)
     with torch.no_grad():  # no checkpointing without grad: same value
         plain, _ = LocalDistillationLoss(K, chunk_tokens=chunk)(student_z, teacher_z, student_last, teacher_last, matches, TT)
     assert plain.item() == pytest.approx(ref.item(), rel=1e-6)
 
 
-def test_center_update_before_backward_does_not_change_gradients() -> None:
+@pytest.mark.parametrize("recompute_above_mib", [0.0, 32.0])  # checkpointed chunks, stored logits
+def test_center_update_before_backward_does_not_change_gradients(recompute_above_mib: float) -> None:
     # DINO updates its centre inside the loss forward, i.e. before backward; the checkpointed
     # recomputation must still use the centre of the forward pass.
     student_z, teacher_z = _views(8)
     student_last, teacher_last = _last(9), _last(10)
     matches = _geometric_matches(11)
-    loss_fn = LocalDistillationLoss(K, chunk_tokens=4)
+    loss_fn = LocalDistillationLoss(K, chunk_tokens=4, recompute_above_mib=recompute_above_mib)
     loss, _ = loss_fn(student_z, teacher_z, student_last, teacher_last, matches, TT)
     loss.backward()
     want = _grads(student_z, student_last)
@@ -150,7 +152,9 @@ def test_checkpointing_does_not_keep_logits() -> None:
         return x
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-        loss, _ = LocalDistillationLoss(k, chunk_tokens=16)(student, teacher, last_s, last_t, matches, TT)
+        # A chunk's logits are 16 x 4096 x 4 B = 0.25 MiB: above 0.1 MiB they are recomputed.
+        loss, _ = LocalDistillationLoss(k, chunk_tokens=16, recompute_above_mib=0.1)(
+            student, teacher, last_s, last_t, matches, TT)
     loss.backward()
     assert sum(saved) < 2 * n * k * 4 / 8
     assert student[0].grad is not None and last_s.parametrizations.weight.original1.grad is not None
@@ -231,3 +235,25 @@ def test_match_similarity_vs_loop() -> None:
             assert int(got[b, i]) == max(range(7), key=lambda j: sims[j])
     with pytest.raises(ValueError):
         match_similarity(student, teacher[:2])
+
+
+def test_recomputed_and_stored_logits_give_the_same_loss_and_gradients(monkeypatch) -> None:
+    import glsd_cli.losses.local as local
+
+    calls = []
+    real_checkpoint = local.checkpoint
+    monkeypatch.setattr(local, "checkpoint", lambda *a, **k: calls.append(1) or real_checkpoint(*a, **k))
+    results = []
+    for recompute_above_mib in (0.0, 1.0):  # every chunk recomputed; every chunk (< 1 MiB) stored
+        student_z, teacher_z = _views(12)
+        student_last, teacher_last = _last(13), _last(14)
+        calls.clear()
+        loss, _ = LocalDistillationLoss(K, chunk_tokens=5, recompute_above_mib=recompute_above_mib)(
+            student_z, teacher_z, student_last, teacher_last, _geometric_matches(15), TT)
+        loss.backward()
+        results.append((loss.detach(), _grads(student_z, student_last), len(calls)))
+    (loss_r, grads_r, n_r), (loss_s, grads_s, n_s) = results
+    assert n_r > 0 and n_s == 0  # the threshold really switches the path
+    torch.testing.assert_close(loss_s, loss_r)
+    for a, b in zip(grads_s, grads_r):
+        torch.testing.assert_close(a, b)

@@ -13,9 +13,10 @@ Memory. The dense head's last layer maps the ~256-d bottleneck to K = out_dim lo
 DINO); B x tokens x K logits would not fit. So the loss takes bottleneck features and the two last
 layers, and works in chunks of ``chunk_tokens`` tokens: teacher bottlenecks are gathered by match
 index first (cheap, d-dim), then pushed through the teacher last layer per chunk under no_grad, and
-each student chunk runs under ``torch.utils.checkpoint`` so backward recomputes its logits instead
-of storing them. Peak extra memory is a few (chunk x K) float32 buffers, independent of batch size.
-The price is one extra last-layer forward per token (student and teacher) during backward.
+each student chunk whose float32 logits exceed ``recompute_above_mib`` runs under
+``torch.utils.checkpoint`` so backward recomputes its logits instead of storing them. Peak extra
+memory is then a few (chunk x K) float32 buffers, independent of batch size; the price is one extra
+last-layer forward per token (student and teacher) during backward. Smaller chunks keep theirs.
 """
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ class LocalDistillationLoss(nn.Module):
     center: Tensor
 
     def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
-                 chunk_tokens: int = 8192) -> None:
+                 chunk_tokens: int = 8192, recompute_above_mib: float = 32.0) -> None:
         super().__init__()
         if out_dim < 1 or chunk_tokens < 1:
             raise ValueError(f"out_dim and chunk_tokens must be >= 1, got {out_dim}, {chunk_tokens}")
@@ -75,6 +76,9 @@ class LocalDistillationLoss(nn.Module):
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.chunk_tokens = chunk_tokens
+        # Small chunks keep their logits for backward: recomputing them costs a second prototype-layer
+        # pass (student and teacher) for memory that does not matter (bench/step_bound.py).
+        self.recompute_above_bytes = recompute_above_mib * 2**20
         self.register_buffer("center", torch.zeros(1, out_dim))
 
     def forward(
@@ -126,12 +130,12 @@ class LocalDistillationLoss(nn.Module):
                        teacher_last: nn.Module, center: Tensor, teacher_temp: float) -> Tensor:
         """Sum over tokens of ``weight * CE`` for flat (N, d) student / gathered teacher bottlenecks."""
         chunk_fn = self._chunk_fn(student_last, teacher_last, center, teacher_temp)
-        use_checkpoint = torch.is_grad_enabled()
         total = sz.new_zeros((), dtype=torch.float32)
         for start in range(0, sz.shape[0], self.chunk_tokens):
             sl = slice(start, start + self.chunk_tokens)
             w = None if weight is None else weight[sl]
-            if use_checkpoint:
+            logits_bytes = 4 * self.out_dim * min(self.chunk_tokens, sz.shape[0] - start)  # float32
+            if torch.is_grad_enabled() and logits_bytes > self.recompute_above_bytes:
                 # Non-reentrant: works when sz does not require grad, and with parameters that are
                 # not explicit inputs (the last layers are captured by the closure).
                 part = checkpoint(chunk_fn, sz[sl], tz[sl], w, use_reentrant=False)
