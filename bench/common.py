@@ -20,7 +20,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 from glsd_cli.config import Config, resolve  # noqa: E402
 from glsd_cli.data.size_defaults import IMAGENET_N  # noqa: E402
 from glsd_cli.data.synthetic import SyntheticTextures  # noqa: E402
-from glsd_cli.engine.precision import cpu_supports_bf16  # noqa: E402
+from glsd_cli.engine.precision import cpu_supports_bf16, pick_device  # noqa: E402
 from glsd_cli.engine.pretrain import resolve_auto  # noqa: E402
 
 
@@ -39,6 +39,14 @@ def machine(device: torch.device) -> dict:
             "torch_threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "load_average_1min": round(os.getloadavg()[0], 2), "cpu_native_bf16": cpu_supports_bf16(),
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
+
+
+def device_and_threads(device: str, threads: int | None) -> torch.device:
+    """The device a benchmark's --device asks for (glsd's own choice for 'auto'), after applying its
+    --threads to torch's CPU thread count (torch's default when not given)."""
+    if threads:
+        torch.set_num_threads(threads)
+    return pick_device(device)
 
 
 def peak_rss_mib() -> float:

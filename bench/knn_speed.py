@@ -21,14 +21,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, bench_config, machine, peak_rss_mib, write_report  # noqa: E402  (first: sets paths)
+from common import RESULTS, bench_config, device_and_threads, machine, peak_rss_mib, write_report  # noqa: E402  (first: sets paths)
 
 import torch  # noqa: E402
 
 from glsd_cli.data.loader import EvalDataset  # noqa: E402
 from glsd_cli.data.multicrop import EvalTransform  # noqa: E402
 from glsd_cli.data.synthetic import SyntheticTextures  # noqa: E402
-from glsd_cli.engine.precision import pick_device  # noqa: E402
 from glsd_cli.eval.features import extract_features  # noqa: E402
 from glsd_cli.eval.knn import DEFAULT_KS, knn_classify  # noqa: E402
 from glsd_cli.models.backbone import Backbone  # noqa: E402
@@ -81,9 +80,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=RESULT)
     args = ap.parse_args()
-    device = pick_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = device_and_threads(args.device, args.threads)
     ks = tuple(int(k) for k in args.ks.split(","))
     cfg = bench_config("tiny-dino")
     size = cfg.data.global_crop_size

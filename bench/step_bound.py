@@ -28,14 +28,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, bench_config, machine, peak_rss_mib, sync, write_report  # noqa: E402  (first: sets paths)
+from common import (RESULTS, bench_config, device_and_threads, machine, peak_rss_mib, sync,  # noqa: E402
+                    write_report)  # (first: sets paths)
 
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count  # noqa: E402
 from train_precision import batches  # noqa: E402  (pre-built multi-crop batches on the device)
 
 from glsd_cli.engine.optim import param_groups  # noqa: E402
-from glsd_cli.engine.precision import autocast_dtype, cpu_supports_bf16, pick_device  # noqa: E402
+from glsd_cli.engine.precision import autocast_dtype, cpu_supports_bf16  # noqa: E402
 from glsd_cli.engine.pretrain import build_schedules  # noqa: E402
 from glsd_cli.engine.trainer import Trainer  # noqa: E402
 from glsd_cli.methods import build_method  # noqa: E402
@@ -206,9 +207,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=RESULT)
     args = ap.parse_args()
-    device = pick_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = device_and_threads(args.device, args.threads)
     precisions = ["fp32"] + (["bf16"] if device.type == "cuda" or cpu_supports_bf16() else [])
     # 2048² saturates a CPU's cores; a GPU needs a larger product to reach its peak.
     n = args.matmul_size or (8192 if device.type == "cuda" else 2048)

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, bench_config, write_report  # noqa: E402  (first: sets paths)
+from common import RESULTS, bench_config, device_and_threads, write_report  # noqa: E402  (first: sets paths)
 
 import torch  # noqa: E402
 from torch.utils.data import default_collate  # noqa: E402
@@ -25,7 +25,7 @@ from torch.utils.data import default_collate  # noqa: E402
 from glsd_cli.data.loader import ViewsDataset  # noqa: E402
 from glsd_cli.data.synthetic import SyntheticTextures  # noqa: E402
 from glsd_cli.engine.optim import param_groups  # noqa: E402
-from glsd_cli.engine.precision import cpu_supports_bf16, pick_device  # noqa: E402
+from glsd_cli.engine.precision import cpu_supports_bf16  # noqa: E402
 from glsd_cli.engine.pretrain import build_schedules, make_transform  # noqa: E402
 from glsd_cli.engine.trainer import Trainer  # noqa: E402
 from glsd_cli.methods import build_method  # noqa: E402
@@ -79,9 +79,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
-    device = pick_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = device_and_threads(args.device, args.threads)
     precisions = ["fp32", "bf16"] + (["fp16"] if device.type == "cuda" else [])
     report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
               "cpu_native_bf16": cpu_supports_bf16(), "threads": torch.get_num_threads(),
