@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
 from glsd_cli.errors import ConfigError
 
@@ -80,7 +80,9 @@ class LocalConfig(Section):
     hinge: bool = Field(True, description="geometric matching only: drop pairs farther than a token's half-diagonal")
     weight: float = Field(0.5, ge=0, le=1, description="w in L = (1 - w)·L_global + w·L_local")
     out_dim: Union[int, Auto] = Field(8192, description="prototypes of the dense head (iBOT uses 8192 for patch tokens)")
-    chunk_tokens: int = Field(8192, gt=0, description="tokens per chunk when computing dense logits (memory bound)")
+    chunk_tokens: Union[PositiveInt, Auto] = Field(
+        "auto", description="student tokens per chunk of dense logits, rounded to whole images (at least one); "
+                            "'auto': a 16 MiB float32 chunk, which CPU memory allocators reuse")
     recompute_above_mib: float = Field(
         32.0, ge=0, description="recompute a chunk's dense logits in backward when its float32 logits exceed this "
                                 "many MiB (smaller chunks keep them; 0 = always recompute)")

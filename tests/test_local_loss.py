@@ -104,7 +104,7 @@ def test_loss_and_gradients_match_naive(matches_fn) -> None:
         assert 0.0 < expected < 1.0  # the fixture really exercises the hinge
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 18, 10_000])
+@pytest.mark.parametrize("chunk", [1, 7, 18, 10_000, None])  # None: auto (16 MiB)
 def test_chunk_size_does_not_change_the_loss(chunk: int) -> None:
     student_z, teacher_z = _views(4)
     student_last, teacher_last = _last(5), _last(6)
@@ -257,3 +257,23 @@ def test_recomputed_and_stored_logits_give_the_same_loss_and_gradients(monkeypat
     torch.testing.assert_close(loss_s, loss_r)
     for a, b in zip(grads_s, grads_r):
         torch.testing.assert_close(a, b)
+
+
+def test_each_token_goes_through_its_prototype_layer_once() -> None:
+    # The pairs of one student view are merged: the student's prototype layer sees every student token
+    # once (not once per teacher view) and the teacher's every teacher token once, whatever the pairs.
+    student_z, teacher_z = _views(18)
+    seen = {"student": 0, "teacher": 0}
+
+    def counting(module: nn.Module, name: str) -> nn.Module:
+        module.register_forward_hook(lambda m, args, out: seen.__setitem__(name, seen[name] + args[0].shape[0]))
+        return module
+
+    student_last, teacher_last = counting(_last(19), "student"), counting(_last(20), "teacher")
+    matches = _geometric_matches(21)  # 6 pairs: locals have two teachers, each global the other one
+    loss, _ = LocalDistillationLoss(K, chunk_tokens=5, recompute_above_mib=1.0)(
+        student_z, teacher_z, student_last, teacher_last, matches, TT)
+    assert seen == {"student": B * sum(r * c for r, c in GRIDS), "teacher": B * 2 * 9}
+    pair_tokens = sum(B * GRIDS[s][0] * GRIDS[s][1] for _, s in matches)
+    assert pair_tokens > seen["student"]  # what one pass per pair would have cost
+    loss.backward()

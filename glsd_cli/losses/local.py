@@ -9,14 +9,22 @@ match j(i) in view t (see :mod:`glsd_cli.geometry` or :func:`match_similarity`):
 
 (masked tokens count as zero; the mean is not renormalised by the number of valid tokens).
 
+Cost. The pairs of one student view s share its B x N_s tokens, so they merge exactly:
+    sum_t w_t (logsumexp(x) - P_t . x) = (sum_t w_t) logsumexp(x) - (sum_t w_t P_t) . x
+with x the student's logits and w_t the pair's mask and weight. Each student token then goes through
+the K-wide prototype layer, log-softmax and backward once (not once per teacher view), and each teacher
+token through its prototype layer and softmax once; the teachers' probabilities are gathered in K space.
+With ViT-S/16's 2 global (196 tokens) and 8 local views (36 tokens) that is 680 student and 392 teacher
+token passes per image instead of 968 and 968.
+
 Memory. The dense head's last layer maps the ~256-d bottleneck to K = out_dim logits (65536 in
 DINO); B x tokens x K logits would not fit. So the loss takes bottleneck features and the two last
-layers, and works in chunks of ``chunk_tokens`` tokens: teacher bottlenecks are gathered by match
-index first (cheap, d-dim), then pushed through the teacher last layer per chunk under no_grad, and
-each student chunk whose float32 logits exceed ``recompute_above_mib`` runs under
-``torch.utils.checkpoint`` so backward recomputes its logits instead of storing them. Peak extra
-memory is then a few (chunk x K) float32 buffers, independent of batch size; the price is one extra
-last-layer forward per token (student and teacher) during backward. Smaller chunks keep theirs.
+layers, and works in chunks of whole images of about ``chunk_tokens`` student tokens (at least one
+image). A chunk whose float32 logits exceed ``recompute_above_mib`` runs under
+``torch.utils.checkpoint`` so backward recomputes its logits and targets instead of storing them;
+smaller chunks keep one (tokens x K) buffer, the logits' gradient. Peak extra memory is a few chunk-
+sized buffers, independent of batch size; the price of recomputing is one extra prototype-layer
+forward per token (student and teacher) during backward.
 """
 from __future__ import annotations
 
@@ -32,6 +40,14 @@ from glsd_cli.engine.distributed import all_reduce_mean
 __all__ = ["match_similarity", "LocalDistillationLoss"]
 
 Matches = dict[tuple[int, int], tuple[Tensor, "Tensor | None"]]
+
+# Default chunk size, in MiB of one float32 (tokens x K) buffer. The K-wide passes are bound by memory
+# traffic, and glibc's malloc serves blocks up to 32 MiB from its reusable heap once warm while larger
+# ones are fresh mmaps, page-faulted on every use: ViT-S/16's local loss at K = 8192, batch 8, took
+# 0.95 / 1.07 / 1.22 s (fp32) and 0.52 / 0.54 / 0.76 s (bf16) with 21 / 42 / 170 MiB chunks
+# (bench/local_loss_chunks.py, 2026-11-22), before counting that chunks above
+# recompute_above_mib (32) are also recomputed in backward.
+AUTO_CHUNK_MIB = 16
 
 
 @torch.no_grad()
@@ -62,22 +78,59 @@ def _is_plain_linear_without_bias(module: nn.Module) -> bool:
     )
 
 
+def _scaled_logits(layer: nn.Module, scale: float) -> Callable[[Tensor], Tensor]:
+    """``x -> layer(x) * scale``. For a plain bias-free linear layer (DINO's prototypes) the scale is
+    applied to the d-dim input instead of the K-wide output: the same logits, one K-wide pass fewer."""
+    if _is_plain_linear_without_bias(layer):
+        return lambda x: layer(x * scale)
+    return lambda x: layer(x) * scale
+
+
+class _SoftTargetCrossEntropy(torch.autograd.Function):
+    """``sum_i (W_i * logsumexp(x_i) - t_i . x_i)`` for logits ``x`` (N, K) of any float dtype, soft
+    float32 targets ``t`` (N, K) with row sums ``W`` (N,); no gradient to ``t`` or ``W``.
+
+    Autograd of the plain expression keeps ``x`` and ``t`` and runs about a dozen K-wide passes; here
+    forward runs one fused softmax, two row maxima and a dot product, and leaves the one buffer
+    backward needs, t - W softmax(x) (= -d/dx), built in place over ``t`` (which it consumes).
+    ``logsumexp(x) = max(x) - log(max softmax(x))``: exact, and safe since max softmax >= 1/K."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, target: Tensor, weight: Tensor) -> Tensor:
+        with torch.autocast(logits.device.type, enabled=False):  # everything K-wide in float32
+            x = logits.float()
+            probs = torch.softmax(x, dim=-1)
+            lse = x.amax(dim=-1) - probs.amax(dim=-1).log()
+            total = torch.dot(weight, lse) - torch.dot(target.reshape(-1), x.reshape(-1))
+            del x
+            neg_grad = target.addcmul_(probs, weight[:, None], value=-1.0)
+        ctx.logits_dtype = logits.dtype
+        ctx.save_for_backward(neg_grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        (neg_grad,) = ctx.saved_tensors
+        return neg_grad.to(ctx.logits_dtype) * -grad_output, None, None
+
+
 class LocalDistillationLoss(nn.Module):
     """GLSD local term with its own centre ``c_d`` (ALGORITHMS.md §3), chunked and checkpointed."""
 
     center: Tensor
 
     def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
-                 chunk_tokens: int = 8192, recompute_above_mib: float = 32.0) -> None:
+                 chunk_tokens: int | None = None, recompute_above_mib: float = 32.0) -> None:
         super().__init__()
-        if out_dim < 1 or chunk_tokens < 1:
+        if out_dim < 1 or (chunk_tokens is not None and chunk_tokens < 1):
             raise ValueError(f"out_dim and chunk_tokens must be >= 1, got {out_dim}, {chunk_tokens}")
         self.out_dim = out_dim
         self.student_temp = student_temp
         self.center_momentum = center_momentum
-        self.chunk_tokens = chunk_tokens
-        # Small chunks keep their logits for backward: recomputing them costs a second prototype-layer
-        # pass (student and teacher) for memory that does not matter (bench/step_bound.py).
+        # None: as many tokens as keep a chunk's float32 (tokens x K) buffers at AUTO_CHUNK_MIB.
+        self.chunk_tokens = chunk_tokens or max(1, AUTO_CHUNK_MIB * 2**20 // (4 * out_dim))
+        # Small chunks keep their logits' gradient for backward: recomputing costs a second
+        # prototype-layer pass (student and teacher) for memory that does not matter (bench/step_bound.py).
         self.recompute_above_bytes = recompute_above_mib * 2**20
         self.register_buffer("center", torch.zeros(1, out_dim))
 
@@ -96,70 +149,96 @@ class LocalDistillationLoss(nn.Module):
         teacher bottleneck of global view t (no gradient flows into it);
         ``matches[(t, s)] = (index (B, N_s) into view t's tokens, valid mask (B, N_s) or None)``.
         The caller chooses the pairs (ALGORITHMS.md: every global t and every s != t).
+
+        The pairs of one student view share its tokens, so they are merged exactly (see the module
+        docstring): each student token goes through the prototype layer and the log-softmax once, each
+        teacher token through its prototype layer and softmax once, whatever the number of pairs.
         """
         if not matches:
             raise ValueError("matches is empty: the local loss needs at least one (teacher, student) pair")
-        # Snapshot of the centre: checkpoint recomputes teacher targets during backward, and they must
-        # use the centre of this forward even if update_center() runs before backward (DINO does so).
-        center = self.center.detach().clone()
-        total: Tensor | None = None
+        batch = student_z[0].shape[0]
+        by_student: dict[int, list[tuple[int, Tensor, Tensor]]] = {}
         fractions: list[Tensor] = []
         for (t, s), (index, valid) in matches.items():
-            sz, tz = student_z[s], teacher_z[t].detach()
-            batch, n_s, dim = sz.shape
-            if index.shape != (batch, n_s) or (valid is not None and valid.shape != (batch, n_s)):
+            sz, tz = student_z[s], teacher_z[t]
+            n_s, dim = sz.shape[1], sz.shape[2]
+            if sz.shape[0] != batch or index.shape != (batch, n_s) or (valid is not None and valid.shape != (batch, n_s)):
                 raise ValueError(f"pair {(t, s)}: index/valid must be (B, N_s) = {(batch, n_s)}, got "
                                  f"{tuple(index.shape)} / {None if valid is None else tuple(valid.shape)}")
             if tz.shape[0] != batch or tz.shape[-1] != dim:
                 raise ValueError(f"pair {(t, s)}: teacher_z {tuple(tz.shape)} does not fit student_z {tuple(sz.shape)}")
-            # Gather in bottleneck space (d ~ 256) before the K-wide last layer: cost O(B*Ns*d).
-            target = torch.gather(tz, 1, index.to(tz.device, torch.long)[..., None].expand(-1, -1, dim))
-            weight = None if valid is None else valid.reshape(-1).to(device=sz.device, dtype=torch.float32)
-            pair_sum = self._masked_ce_sum(sz.reshape(-1, dim), target.reshape(-1, dim), weight,
-                                           student_last, teacher_last, center, teacher_temp)
-            # Equal N_s for every image, so mean over tokens then over batch = sum / (B * N_s).
-            pair_loss = pair_sum / (batch * n_s)
-            total = pair_loss if total is None else total + pair_loss
-            fractions.append(sz.new_ones((), dtype=torch.float32) if weight is None else weight.mean())
-        assert total is not None
-        loss = total / len(matches)
-        stats = {"local_valid_fraction": float(torch.stack(fractions).mean().item())}  # one host sync
-        return loss, stats
-
-    def _masked_ce_sum(self, sz: Tensor, tz: Tensor, weight: Tensor | None, student_last: nn.Module,
-                       teacher_last: nn.Module, center: Tensor, teacher_temp: float) -> Tensor:
-        """Sum over tokens of ``weight * CE`` for flat (N, d) student / gathered teacher bottlenecks."""
-        chunk_fn = self._chunk_fn(student_last, teacher_last, center, teacher_temp)
-        total = sz.new_zeros((), dtype=torch.float32)
-        for start in range(0, sz.shape[0], self.chunk_tokens):
-            sl = slice(start, start + self.chunk_tokens)
-            w = None if weight is None else weight[sl]
-            logits_bytes = 4 * self.out_dim * min(self.chunk_tokens, sz.shape[0] - start)  # float32
+            # Token weight of this pair in the loss: mean over pairs, images and all N_s tokens.
+            scale = 1.0 / (len(matches) * batch * n_s)
+            weight = (torch.full((batch, n_s), scale, device=sz.device) if valid is None
+                      else valid.to(device=sz.device, dtype=torch.float32) * scale)
+            by_student.setdefault(s, []).append((t, index.to(sz.device, torch.long), weight))
+            fractions.append(sz.new_ones((), dtype=torch.float32) if valid is None
+                             else valid.float().mean().to(sz.device))
+        # Snapshot of the centre: checkpoint recomputes teacher targets during backward, and they must
+        # use the centre of this forward even if update_center() runs before backward (DINO does so).
+        center = self.center.detach().clone()
+        views = sorted(by_student)
+        teachers = sorted({t for pairs in by_student.values() for t, _, _ in pairs})
+        tokens_per_image = sum(student_z[s].shape[1] for s in views)
+        images_per_chunk = max(1, self.chunk_tokens // tokens_per_image)  # whole images, at least one
+        chunk_fn = self._chunk_fn(views, teachers, by_student, student_z, teacher_z, student_last,
+                                  teacher_last, center, teacher_temp)
+        total = student_z[0].new_zeros((), dtype=torch.float32)
+        for start in range(0, batch, images_per_chunk):
+            images = slice(start, start + images_per_chunk)
+            sz = torch.cat([student_z[s][images].reshape(-1, student_z[s].shape[-1]) for s in views])
+            tz = torch.cat([teacher_z[t][images].detach().reshape(-1, teacher_z[t].shape[-1]) for t in teachers])
+            flat = [x[images] for s in views for _, index, weight in by_student[s] for x in (index, weight)]
+            logits_bytes = 4 * self.out_dim * sz.shape[0]  # float32
             if torch.is_grad_enabled() and logits_bytes > self.recompute_above_bytes:
                 # Non-reentrant: works when sz does not require grad, and with parameters that are
                 # not explicit inputs (the last layers are captured by the closure).
-                part = checkpoint(chunk_fn, sz[sl], tz[sl], w, use_reentrant=False)
+                total = total + checkpoint(chunk_fn, sz, tz, *flat, use_reentrant=False)
             else:
-                part = chunk_fn(sz[sl], tz[sl], w)
-            total = total + part
-        return total
+                total = total + chunk_fn(sz, tz, *flat)
+        stats = {"local_valid_fraction": float(torch.stack(fractions).mean().item())}  # one host sync
+        return total, stats
 
-    def _chunk_fn(self, student_last: nn.Module, teacher_last: nn.Module, center: Tensor,
-                  teacher_temp: float) -> Callable[[Tensor, Tensor, Tensor | None], Tensor]:
-        student_temp = self.student_temp
+    def _chunk_fn(self, views: list[int], teachers: list[int], by_student: dict, student_z: list[Tensor],
+                  teacher_z: list[Tensor], student_last: nn.Module, teacher_last: nn.Module, center: Tensor,
+                  teacher_temp: float) -> Callable[..., Tensor]:
+        """The loss of a run of whole images: ``sz`` = their student tokens view after view (``views``
+        order), ``tz`` = their teacher tokens view after view (``teachers`` order), then (index, weight)
+        per pair in ``by_student`` order, each (b, N_s)."""
+        n_student = [student_z[s].shape[1] for s in views]
+        n_teacher = {t: teacher_z[t].shape[1] for t in teachers}
+        student_logits = _scaled_logits(student_last, 1.0 / self.student_temp)
+        teacher_logits = _scaled_logits(teacher_last, 1.0 / teacher_temp)
+        shifted_center = center / teacher_temp
 
-        def chunk(sz: Tensor, tz: Tensor, weight: Tensor | None) -> Tensor:
-            # Teacher target (DINO centring + sharpening), float32 for a stable softmax under autocast.
+        def chunk(sz: Tensor, tz: Tensor, *flat: Tensor) -> Tensor:
+            images = flat[0].shape[0]
             with torch.no_grad():
-                p = torch.softmax((teacher_last(tz).float() - center) / teacher_temp, dim=-1)
-            x = student_last(sz).float() / student_temp
-            # -sum_k p_k log_softmax(x)_k = logsumexp(x) - sum_k p_k x_k   (sum_k p_k = 1). Written this
-            # way autograd keeps only x and p for this chunk, not a third (chunk, K) log-softmax
-            # buffer; (p * x).sum rather than bmm so autocast cannot drop it to bf16.
-            ce = torch.logsumexp(x, dim=-1) - (p * x).sum(dim=-1)
-            if weight is not None:
-                ce = ce * weight
-            return ce.sum()
+                # Teacher targets (DINO centring + sharpening) once per teacher token; float32 softmax.
+                probs = torch.softmax(teacher_logits(tz).float().sub_(shifted_center), dim=-1)
+                teacher_offset, offset = {}, 0
+                for t in teachers:
+                    teacher_offset[t], offset = offset, offset + images * n_teacher[t]
+                # Each student token's target: sum over its pairs of weight * teacher probabilities.
+                target = probs.new_empty(sz.shape[0], probs.shape[-1])
+                weight = probs.new_zeros(sz.shape[0])
+                pairs = iter(zip(flat[0::2], flat[1::2]))
+                row = 0
+                for s, n_s in zip(views, n_student):
+                    rows = slice(row, row + images * n_s)
+                    for k, (t, _, _) in enumerate(by_student[s]):
+                        index, w = next(pairs)
+                        image_base = torch.arange(images, device=index.device)[:, None] * n_teacher[t]
+                        flat_index = (teacher_offset[t] + image_base + index).reshape(-1)  # rows of tz
+                        w = w.reshape(-1, 1)
+                        if k == 0:
+                            torch.index_select(probs, 0, flat_index, out=target[rows]).mul_(w)
+                        else:
+                            target[rows].addcmul_(probs.index_select(0, flat_index), w)
+                        weight[rows] += w[:, 0]
+                    row = rows.stop
+                del probs
+            return _SoftTargetCrossEntropy.apply(student_logits(sz), target, weight)
 
         return chunk
 

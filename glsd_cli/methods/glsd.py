@@ -63,7 +63,7 @@ class GlobalLocalDistillation(Method):
             from glsd_cli.losses.local import LocalDistillationLoss
 
             self.local_loss = LocalDistillationLoss(loc.out_dim, lc.student_temp, lc.center_momentum,
-                                                    chunk_tokens=loc.chunk_tokens,
+                                                    chunk_tokens=None if loc.chunk_tokens == "auto" else loc.chunk_tokens,
                                                     recompute_above_mib=loc.recompute_above_mib)
 
     # ------------------------------------------------------------------ schedules and freezing
