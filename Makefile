@@ -46,6 +46,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/sd_cost.py
 	$(BIN)/python bench/omp_wait_policy.py
 	$(BIN)/python bench/step_bound.py
+	$(BIN)/python bench/local_loss_chunks.py
 	$(BIN)/python bench/data_pipeline.py
 	$(BIN)/python bench/knn_speed.py
 
