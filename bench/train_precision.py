@@ -5,7 +5,8 @@ Each arm trains the same model from the same initialisation on the same pre-buil
 autocast, backward, per-parameter clipping, AdamW, EMA teacher and centre update.
     python bench/train_precision.py                                   # tiny-dino and ViT-S/16, CPU
     python bench/train_precision.py --presets tiny-dino --steps 60
-Writes bench/results/train_precision.json (and -cuda.json on a GPU) and prints a Markdown table.
+Writes bench/results/train_precision.json (and -cuda.json on a GPU; --out elsewhere, e.g. for a smoke
+run) and prints a Markdown table.
 """
 from __future__ import annotations
 
@@ -78,6 +79,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2, help="first steps left out of the timing")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", type=Path, default=None,
+                    help="result file (default: bench/results/train_precision[-cuda].json)")
     args = ap.parse_args()
     device = device_and_threads(args.device, args.threads)
     precisions = ["fp32", "bf16"] + (["fp16"] if device.type == "cuda" else [])
@@ -104,7 +107,7 @@ def main() -> None:
     for preset, batch, steps, a in rows:
         print(f"| {preset} | {batch} | {steps} | {a['precision']} | {a['median_step_s']:.3f} | {a['images_per_s']:.1f} | "
               f"{a['speedup_vs_fp32']:.2f}× | {a['max_rel_loss_diff_vs_fp32']:.2e} | {a['losses'][-1]:.4f} |")
-    out = RESULTS / f"train_precision{'-cuda' if device.type == 'cuda' else ''}.json"
+    out = args.out or RESULTS / f"train_precision{'-cuda' if device.type == 'cuda' else ''}.json"
     write_report(out, report)
 
 
