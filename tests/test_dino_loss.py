@@ -128,3 +128,39 @@ def test_unknown_centering_is_refused():
 
     with pytest.raises(ValueError, match="centering"):
         DINOLoss(4, centering="mean")
+
+
+def test_sinkhorn_runs_once_per_step_and_leaves_the_centre_alone(monkeypatch):
+    import glsd_cli.losses.dino as dino
+
+    calls = []
+    real = dino.sinkhorn_knopp
+    monkeypatch.setattr(dino, "sinkhorn_knopp", lambda *a, **k: calls.append(1) or real(*a, **k))
+    loss_fn = DINOLoss(6, centering="sinkhorn")
+    teacher = [torch.randn(5, 6) for _ in range(2)]
+    first = loss_fn.teacher_targets(teacher, 0.04)
+    # the loss, the collapse monitor (detached views) and SD ask again within the step: no new run
+    again = loss_fn.teacher_targets([t.detach() for t in teacher], 0.04)
+    assert len(calls) == 1 and all(torch.equal(a, b) for a, b in zip(first, again))
+    loss_fn.teacher_targets(teacher, 0.07)  # another temperature
+    teacher[0].add_(1.0)                    # or logits changed in place
+    changed = loss_fn.teacher_targets(teacher, 0.04)
+    assert len(calls) == 3
+    assert torch.allclose(changed[0], real(torch.cat(teacher), 0.04, 3)[:5])
+    loss_fn.teacher_targets([torch.randn(5, 6) for _ in range(2)], 0.04)  # the next step's logits
+    assert len(calls) == 4
+    loss_fn.update_center(teacher)
+    assert torch.count_nonzero(loss_fn.center) == 0  # unused by Sinkhorn-Knopp, so not moved
+
+
+def test_collapse_monitor_logs_only_centres_in_use():
+    from torch import nn
+
+    from glsd_cli.engine.monitors import CollapseMonitor
+
+    task = nn.Module()
+    task.dino_loss = DINOLoss(4, centering="sinkhorn")
+    task.local_loss = DINOLoss(4)  # any module with an EMA centre
+    assert set(CollapseMonitor(task).center_norms()) == {"center_norm_local_loss"}
+    task.dino_loss = DINOLoss(4)
+    assert set(CollapseMonitor(task).center_norms()) == {"center_norm", "center_norm_local_loss"}

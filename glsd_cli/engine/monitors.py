@@ -49,7 +49,9 @@ class CollapseMonitor:
         self.task = task
         self._pending: list[dict[str, float]] = []
         self.num_prototypes: int | None = None
-        self._centers = [(name, buf) for name, buf in task.named_buffers() if name.rsplit(".", 1)[-1] == "center"]
+        # Every `center` buffer in use (a DINO loss with Sinkhorn-Knopp targets has an unused one).
+        self._centers = [(name, buf) for name, buf in task.named_buffers() if name.rsplit(".", 1)[-1] == "center"
+                         and getattr(task.get_submodule(name.rpartition(".")[0]), "centering", "ema") != "sinkhorn"]
         self._handles = []
         if not hasattr(task, "collapse_metrics"):
             for module in task.modules():

@@ -53,7 +53,9 @@ class DINOLoss(nn.Module):
         self.center_momentum = center_momentum
         self.centering = centering
         self.sinkhorn_iterations = sinkhorn_iterations
+        # With centering = "sinkhorn" the centre is unused: kept (zero) so checkpoints have one layout.
         self.register_buffer("center", torch.zeros(1, out_dim))
+        self._sinkhorn_memo: tuple | None = None  # (key, targets, the logits they came from)
 
     @torch.no_grad()
     def teacher_targets(self, teacher_logits: list[torch.Tensor], teacher_temp: float) -> list[torch.Tensor]:
@@ -61,8 +63,14 @@ class DINOLoss(nn.Module):
         Sinkhorn-Knopp normalised over all views of the batch together (DINOv2)."""
         if self.centering == "ema":
             return [teacher_probabilities(t, self.center, teacher_temp) for t in teacher_logits]
-        q = sinkhorn_knopp(torch.cat(teacher_logits), teacher_temp, self.sinkhorn_iterations)
-        return list(q.split([len(t) for t in teacher_logits]))
+        # The loss, the collapse monitor and SD's layer targets all ask for this step's targets:
+        # Sinkhorn-Knopp (and its all-reduces) runs once per step. The memo holds the last targets, so
+        # equal storage pointers and versions mean the same, unmodified logits.
+        key = (teacher_temp, *((t.data_ptr(), t.shape, t._version) for t in teacher_logits))
+        if self._sinkhorn_memo is None or self._sinkhorn_memo[0] != key:
+            q = sinkhorn_knopp(torch.cat(teacher_logits), teacher_temp, self.sinkhorn_iterations)
+            self._sinkhorn_memo = (key, list(q.split([len(t) for t in teacher_logits])), teacher_logits)
+        return self._sinkhorn_memo[1]
 
     def forward(self, student_logits: list[torch.Tensor], teacher_logits: list[torch.Tensor],
                 teacher_temp: float) -> torch.Tensor:
@@ -80,6 +88,8 @@ class DINOLoss(nn.Module):
 
     @torch.no_grad()
     def update_center(self, teacher_logits: list[torch.Tensor]) -> None:
+        if self.centering == "sinkhorn":  # no centre to move (and no all-reduce to pay for)
+            return
         batch_mean = torch.cat(teacher_logits).float().mean(0, keepdim=True)
         batch_mean = all_reduce_mean(batch_mean)
         self.center.mul_(self.center_momentum).add_(batch_mean * (1 - self.center_momentum))
