@@ -107,6 +107,7 @@ def test_train_fraction_and_student(run, tmp_path, capsys):
     (["--k", "0"], "positive neighbour counts"),
     (["--temperature", "0"], "--temperature must be positive"),
     (["--train-fraction", "1.5"], "out of range"),
+    (["--num-workers", "-1"], "--num-workers must be 0 or more"),
 ])
 def test_bad_input_is_one_line_and_exit_2(run, tmp_path, capsys, args, message):
     mine = copy_run(run, tmp_path / "run")
@@ -130,3 +131,19 @@ def test_weights_fingerprint_follows_the_weights():
     with torch.no_grad():
         b.weight[0, 0] += 1e-6
     assert weights_fingerprint(a) != weights_fingerprint(b)
+
+
+def test_loader_workers_change_nothing_but_speed(run, tmp_path, capsys, monkeypatch):
+    # Extraction in worker processes gives the same features, in the same order, as in-process.
+    mine = copy_run(run, tmp_path / "run")
+    seen = []
+    real = features_module.extract_representations
+    monkeypatch.setattr(features_module, "extract_representations",
+                        lambda *a, **k: seen.append(a[6]) or real(*a, **k))  # (..., batch_size, num_workers, ...)
+    results = []
+    for workers in ("0", "2"):
+        code, out, _ = run_cli(["knn-eval", str(mine), "--quiet", "--no-cache", "--num-workers", workers,
+                                "-o", str(tmp_path / f"knn{workers}.json")], capsys)
+        assert code == 0
+        results.append(json.loads((tmp_path / f"knn{workers}.json").read_text())["results"])
+    assert seen == [0, 0, 2, 2] and results[0] == results[1]

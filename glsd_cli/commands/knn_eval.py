@@ -25,6 +25,7 @@ def command(
     seed: Annotated[int, typer.Option(help="seed of the --train-fraction subset")] = 0,
     device: DeviceOpt = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="images per feature-extraction batch")] = 256,
+    num_workers: Annotated[Optional[int], typer.Option("--num-workers", help="feature-extraction loader workers (default: the run's data.num_workers)")] = None,
     random_init: Annotated[bool, typer.Option("--random-init", help="evaluate the run's network at its random initialisation instead (a baseline)")] = False,
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="reuse and store features in a features/ folder beside the checkpoint; an entry is used only for the same backbone weights, data and layers")] = True,
     cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="folder of the feature cache (default: features/ beside the checkpoint)")] = None,
@@ -36,7 +37,7 @@ def command(
 
     opts = KnnOptions(train_uri=train_data, val_uri=val_data, ks=parse_list(k, int, "--k"), temperature=temperature,
                       layers=layers, student=student, train_fraction=train_fraction, seed=seed, device=device,
-                      batch_size=batch_size, random_init=random_init, cache=cache, cache_dir=cache_dir, output=output,
+                      batch_size=batch_size, num_workers=num_workers, random_init=random_init, cache=cache, cache_dir=cache_dir, output=output,
                       quiet=quiet)
     result = run_knn_eval(checkpoint, opts)
     typer.echo(json.dumps(result["summary"]))

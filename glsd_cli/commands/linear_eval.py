@@ -30,7 +30,7 @@ def command(
     lr_grid: Annotated[Optional[str], typer.Option("--lr-grid", help="learning rates per 256 images trained at once, comma-separated (default: DINOv2's 13 from 1e-5 to 0.1 with --cached, only --lr otherwise)")] = None,
     seed: Annotated[int, typer.Option(help="seed of the probes, the data order, the augmentation and the holdout")] = 0,
     device: DeviceOpt = "auto",
-    num_workers: Annotated[Optional[int], typer.Option("--num-workers", help="data-loading workers in the augmented mode (default: the run's)")] = None,
+    num_workers: Annotated[Optional[int], typer.Option("--num-workers", help="data-loading workers: feature extraction and the augmented mode (default: the run's)")] = None,
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="reuse and store frozen features in features/ beside the checkpoint")] = True,
     cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="folder of the feature cache")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="result JSON path (CSV beside it); default: linear*.json beside the checkpoint")] = None,

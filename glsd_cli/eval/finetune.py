@@ -94,6 +94,8 @@ def _check(opts: FinetuneOptions) -> None:
         raise GlsdError(f"--min-crop-scale must be in (0, 1], got {opts.min_crop_scale}")
     if not 0 <= opts.randaug_magnitude <= 10:
         raise GlsdError(f"--randaug-magnitude {opts.randaug_magnitude} must be in 0..10 (0: off)")
+    if opts.num_workers is not None and opts.num_workers < 0:
+        raise GlsdError(f"--num-workers must be 0 or more, got {opts.num_workers}")
 
 
 def build_classifier(cfg: Config, num_classes: int, drop_path: float) -> nn.Module:

@@ -37,6 +37,7 @@ class KnnOptions:
     seed: int = 0
     device: str = "auto"
     batch_size: int = 256
+    num_workers: int | None = None       # feature-extraction loader workers; None: the run's data.num_workers
     random_init: bool = False
     cache: bool = True
     cache_dir: Path | None = None
@@ -51,6 +52,8 @@ def _check(opts: KnnOptions) -> None:
         raise GlsdError(f"--temperature must be positive, got {opts.temperature}")
     if opts.batch_size < 1:
         raise GlsdError(f"--batch-size must be positive, got {opts.batch_size}")
+    if opts.num_workers is not None and opts.num_workers < 0:
+        raise GlsdError(f"--num-workers must be 0 or more, got {opts.num_workers}")
 
 
 def _tag(opts: KnnOptions) -> str:
@@ -82,9 +85,10 @@ def run_knn_eval(checkpoint: Path, opts: KnnOptions) -> dict:
     request = FeatureRequest(tuple(blocks) if blocks is not None else None)
     cache = FeatureCache.for_backbone(file, name, backbone, cfg.model.model_dump_json(), opts.cache_dir, opts.cache)
     size = cfg.data.global_crop_size
-    xb, yb = cache.features(backbone, bank, size, device, request, opts.batch_size, quiet=opts.quiet,
+    workers = opts.num_workers if opts.num_workers is not None else cfg.data.num_workers
+    xb, yb = cache.features(backbone, bank, size, device, request, opts.batch_size, workers, quiet=opts.quiet,
                             description="train features")
-    xq, yq = cache.features(backbone, queries, size, device, request, opts.batch_size, quiet=opts.quiet,
+    xq, yq = cache.features(backbone, queries, size, device, request, opts.batch_size, workers, quiet=opts.quiet,
                             description="test features")
     num_classes = len(bank.classes)
     numbers = [b + 1 for b in blocks] if blocks is not None else [backbone.num_blocks]

@@ -84,6 +84,8 @@ def _check(opts: LinearOptions) -> None:
         raise GlsdError("--no-augment applies to the augmented mode; --cached never augments")
     if not 0 < opts.min_crop_scale <= 1:
         raise GlsdError(f"--min-crop-scale must be in (0, 1], got {opts.min_crop_scale}")
+    if opts.num_workers is not None and opts.num_workers < 0:
+        raise GlsdError(f"--num-workers must be 0 or more, got {opts.num_workers}")
 
 
 def representations(opts: LinearOptions, backbone: Backbone) -> tuple[FeatureRequest, list[Representation], str]:
@@ -138,9 +140,10 @@ def run_linear_eval(checkpoint: Path, opts: LinearOptions) -> dict:
     lrs = sorted(set(opts.lr_grid or (DINOV2_LR_GRID if opts.cached else ())) | {opts.lr})
     size = cfg.data.global_crop_size
     cache = FeatureCache.for_backbone(file, which, backbone, cfg.model.model_dump_json(), opts.cache_dir, opts.cache)
+    workers = opts.num_workers if opts.num_workers is not None else cfg.data.num_workers
 
     def features(source, what: str) -> tuple[list[torch.Tensor], torch.Tensor]:
-        feats, labels = cache.features(backbone, source, size, device, request, opts.batch_size,
+        feats, labels = cache.features(backbone, source, size, device, request, opts.batch_size, workers,
                                        quiet=opts.quiet, description=f"{what} features")
         return [r.build(feats) for r in reps], labels
 
@@ -164,7 +167,7 @@ def run_linear_eval(checkpoint: Path, opts: LinearOptions) -> dict:
     optimizer = torch.optim.SGD(probes.param_groups(opts.lr), lr=reference_lr, momentum=SGD_MOMENTUM, weight_decay=0.0)
     sampler = EpochSampler(len(splits.train), opts.batch_size, opts.seed)
     loader = (_cached_loader(train, sampler, device) if opts.cached else
-              _augmented_loader(splits, size, opts, sampler, cfg.data.num_workers))
+              _augmented_loader(splits, size, opts, sampler, workers))
     history: list[EpochScores] = []
 
     def score_epoch(epoch: int) -> dict[str, float]:
@@ -214,9 +217,8 @@ def _cached_loader(train: tuple[list[torch.Tensor], torch.Tensor], sampler: Epoc
     return make
 
 
-def _augmented_loader(splits: EvalSplits, size: int, opts: LinearOptions, sampler: EpochSampler, cfg_workers: int):
+def _augmented_loader(splits: EvalSplits, size: int, opts: LinearOptions, sampler: EpochSampler, workers: int):
     dataset = AugmentedImages(splits.train, size, opts.seed, augment=opts.augment, min_crop_scale=opts.min_crop_scale)
-    workers = opts.num_workers if opts.num_workers is not None else cfg_workers
 
     def make(epoch: int, start_step: int):
         sampler.set_epoch(epoch, start_step)
