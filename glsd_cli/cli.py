@@ -102,13 +102,18 @@ def presets_show(
 def data_info(uri: Annotated[str, typer.Argument(help="dataset URI or folder")],
               split: Annotated[str, typer.Option(help="train | val | unlabelled")] = "train") -> None:
     """Number of images and classes, image size and split of a dataset."""
+    from glsd_cli.data.base import same_files
     from glsd_cli.data.sources import open_source
 
-    info = open_source(uri, split).info()
-    typer.echo(f"uri:      {info.uri}\nsplit:    {info.split}\nimages:   {info.num_images}\n"
+    source = open_source(uri, split)
+    info = source.info()
+    shown_split = info.split
+    if split != "train" and same_files(source, open_source(uri, "train")):
+        shown_split += " (the same images as train: a folder without train/ and val/ has no held-out split)"
+    typer.echo(f"uri:      {info.uri}\nsplit:    {shown_split}\nimages:   {info.num_images}\n"
                f"classes:  {info.num_classes}" + (f" ({', '.join(info.classes[:10])}"
                                                    f"{', ...' if info.num_classes > 10 else ''})" if info.classes else "")
-               + f"\nsize:     {info.image_size}")
+               + f"\nsize:     {info.image_size} (height x width)")
 
 
 @data_app.command("schemes")
