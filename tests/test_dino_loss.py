@@ -151,6 +151,10 @@ def test_sinkhorn_runs_once_per_step_and_leaves_the_centre_alone(monkeypatch):
     assert len(calls) == 4
     loss_fn.update_center(teacher)
     assert torch.count_nonzero(loss_fn.center) == 0  # unused by Sinkhorn-Knopp, so not moved
+    with torch.inference_mode():  # inference tensors have no version counter: computed, not memoised
+        fresh = [torch.randn(5, 6) for _ in range(2)]
+        got = loss_fn.teacher_targets(fresh, 0.04)
+    assert len(calls) == 5 and torch.allclose(torch.cat(got), real(torch.cat(fresh), 0.04, 3))
 
 
 def test_collapse_monitor_logs_only_centres_in_use():

@@ -66,11 +66,16 @@ class DINOLoss(nn.Module):
         # The loss, the collapse monitor and SD's layer targets all ask for this step's targets:
         # Sinkhorn-Knopp (and its all-reduces) runs once per step. The memo holds the last targets, so
         # equal storage pointers and versions mean the same, unmodified logits.
+        if any(t.is_inference() for t in teacher_logits):  # no version counter to key on: no memo
+            return self._sinkhorn_targets(teacher_logits, teacher_temp)
         key = (teacher_temp, *((t.data_ptr(), t.shape, t._version) for t in teacher_logits))
         if self._sinkhorn_memo is None or self._sinkhorn_memo[0] != key:
-            q = sinkhorn_knopp(torch.cat(teacher_logits), teacher_temp, self.sinkhorn_iterations)
-            self._sinkhorn_memo = (key, list(q.split([len(t) for t in teacher_logits])), teacher_logits)
+            self._sinkhorn_memo = (key, self._sinkhorn_targets(teacher_logits, teacher_temp), teacher_logits)
         return self._sinkhorn_memo[1]
+
+    def _sinkhorn_targets(self, teacher_logits: list[torch.Tensor], teacher_temp: float) -> list[torch.Tensor]:
+        q = sinkhorn_knopp(torch.cat(teacher_logits), teacher_temp, self.sinkhorn_iterations)
+        return list(q.split([len(t) for t in teacher_logits]))
 
     def forward(self, student_logits: list[torch.Tensor], teacher_logits: list[torch.Tensor],
                 teacher_temp: float) -> torch.Tensor:
