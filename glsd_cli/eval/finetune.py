@@ -39,7 +39,7 @@ from glsd_cli.engine.schedules import cosine_schedule
 from glsd_cli.engine.precision import pick_device
 from glsd_cli.engine.trainer import Trainer
 from glsd_cli.errors import CheckpointError, DataError, GlsdError
-from glsd_cli.eval.loading import load_pretrained
+from glsd_cli.eval.loading import load_pretrained, loader_workers
 from glsd_cli.eval.report import pct, print_table, write_results
 from glsd_cli.eval.splits import open_eval_splits
 from glsd_cli.eval.train_data import AugmentedImages
@@ -94,8 +94,6 @@ def _check(opts: FinetuneOptions) -> None:
         raise GlsdError(f"--min-crop-scale must be in (0, 1], got {opts.min_crop_scale}")
     if not 0 <= opts.randaug_magnitude <= 10:
         raise GlsdError(f"--randaug-magnitude {opts.randaug_magnitude} must be in 0..10 (0: off)")
-    if opts.num_workers is not None and opts.num_workers < 0:
-        raise GlsdError(f"--num-workers must be 0 or more, got {opts.num_workers}")
 
 
 def build_classifier(cfg: Config, num_classes: int, drop_path: float) -> nn.Module:
@@ -208,7 +206,7 @@ def run_finetune(checkpoint: Path, opts: FinetuneOptions) -> dict:
     optimizer = torch.optim.AdamW(layer_decay_groups(model, opts.weight_decay, opts.layer_decay), lr=0.0,
                                   betas=ADAMW_BETAS)
     size = cfg.data.global_crop_size
-    workers = opts.num_workers if opts.num_workers is not None else cfg.data.num_workers
+    workers = loader_workers(opts.num_workers, cfg)
     dataset = AugmentedImages(splits.train, size, opts.seed, interpolation=InterpolationMode.BICUBIC,
                               randaugment_magnitude=opts.randaug_magnitude or None, min_crop_scale=opts.min_crop_scale)
     sampler = EpochSampler(len(splits.train), opts.batch_size, opts.seed)

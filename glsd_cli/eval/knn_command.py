@@ -17,7 +17,7 @@ from glsd_cli.errors import GlsdError
 from glsd_cli.eval.feature_cache import FeatureCache
 from glsd_cli.eval.features import FeatureRequest, parse_blocks
 from glsd_cli.eval.knn import DEFAULT_KS, DEFAULT_TEMPERATURE, knn_classify
-from glsd_cli.eval.loading import load_pretrained
+from glsd_cli.eval.loading import load_pretrained, loader_workers
 from glsd_cli.eval.report import pct, print_table, result_paths, write_results
 from glsd_cli.eval.splits import open_labelled_pair
 from glsd_cli.methods import build_method
@@ -52,8 +52,6 @@ def _check(opts: KnnOptions) -> None:
         raise GlsdError(f"--temperature must be positive, got {opts.temperature}")
     if opts.batch_size < 1:
         raise GlsdError(f"--batch-size must be positive, got {opts.batch_size}")
-    if opts.num_workers is not None and opts.num_workers < 0:
-        raise GlsdError(f"--num-workers must be 0 or more, got {opts.num_workers}")
 
 
 def _tag(opts: KnnOptions) -> str:
@@ -85,7 +83,7 @@ def run_knn_eval(checkpoint: Path, opts: KnnOptions) -> dict:
     request = FeatureRequest(tuple(blocks) if blocks is not None else None)
     cache = FeatureCache.for_backbone(file, name, backbone, cfg.model.model_dump_json(), opts.cache_dir, opts.cache)
     size = cfg.data.global_crop_size
-    workers = opts.num_workers if opts.num_workers is not None else cfg.data.num_workers
+    workers = loader_workers(opts.num_workers, cfg)
     xb, yb = cache.features(backbone, bank, size, device, request, opts.batch_size, workers, quiet=opts.quiet,
                             description="train features")
     xq, yq = cache.features(backbone, queries, size, device, request, opts.batch_size, workers, quiet=opts.quiet,

@@ -34,7 +34,7 @@ from glsd_cli.eval.feature_cache import FeatureCache
 from glsd_cli.eval.features import FeatureRequest, parse_blocks
 from glsd_cli.eval.linear_probes import (EpochScores, LinearProbes, ProbeTask, Representation, epoch_cosine,
                                          probe_accuracies, report_rows)
-from glsd_cli.eval.loading import load_pretrained
+from glsd_cli.eval.loading import load_pretrained, loader_workers
 from glsd_cli.eval.report import pct, print_table, result_paths, write_results
 from glsd_cli.eval.splits import EvalSplits, open_eval_splits
 from glsd_cli.eval.train_data import AugmentedImages
@@ -84,8 +84,6 @@ def _check(opts: LinearOptions) -> None:
         raise GlsdError("--no-augment applies to the augmented mode; --cached never augments")
     if not 0 < opts.min_crop_scale <= 1:
         raise GlsdError(f"--min-crop-scale must be in (0, 1], got {opts.min_crop_scale}")
-    if opts.num_workers is not None and opts.num_workers < 0:
-        raise GlsdError(f"--num-workers must be 0 or more, got {opts.num_workers}")
 
 
 def representations(opts: LinearOptions, backbone: Backbone) -> tuple[FeatureRequest, list[Representation], str]:
@@ -140,7 +138,7 @@ def run_linear_eval(checkpoint: Path, opts: LinearOptions) -> dict:
     lrs = sorted(set(opts.lr_grid or (DINOV2_LR_GRID if opts.cached else ())) | {opts.lr})
     size = cfg.data.global_crop_size
     cache = FeatureCache.for_backbone(file, which, backbone, cfg.model.model_dump_json(), opts.cache_dir, opts.cache)
-    workers = opts.num_workers if opts.num_workers is not None else cfg.data.num_workers
+    workers = loader_workers(opts.num_workers, cfg)
 
     def features(source, what: str) -> tuple[list[torch.Tensor], torch.Tensor]:
         feats, labels = cache.features(backbone, source, size, device, request, opts.batch_size, workers,
