@@ -29,18 +29,18 @@ from torch.nn.utils.parametrizations import weight_norm  # noqa: E402
 
 from glsd_cli.engine.precision import autocast_dtype, cpu_supports_bf16  # noqa: E402
 from glsd_cli.losses.local import LocalDistillationLoss  # noqa: E402
+from glsd_cli.matching import TokenMatches  # noqa: E402
 
 GLOBAL_TOKENS, LOCAL_TOKENS, NUM_LOCAL, BOTTLENECK = 196, 36, 8, 256
 
 
 def inputs(batch: int, device: torch.device, generator: torch.Generator):
-    grids = [GLOBAL_TOKENS] * 2 + [LOCAL_TOKENS] * NUM_LOCAL
-    student = [torch.randn(batch, n, BOTTLENECK, generator=generator).to(device).requires_grad_() for n in grids]
-    teacher = [torch.randn(batch, GLOBAL_TOKENS, BOTTLENECK, generator=generator).to(device) for _ in range(2)]
-    matches = {(t, s): (torch.randint(0, GLOBAL_TOKENS, (batch, n), generator=generator).to(device),
-                        (torch.rand(batch, n, generator=generator) < 0.8).to(device))
-               for t in range(2) for s, n in enumerate(grids) if s != t}
-    return student, teacher, matches
+    sizes = [GLOBAL_TOKENS] * 2 + [LOCAL_TOKENS] * NUM_LOCAL
+    student = torch.randn(batch, sum(sizes), BOTTLENECK, generator=generator).to(device).requires_grad_()
+    teacher = torch.randn(batch, 2 * GLOBAL_TOKENS, BOTTLENECK, generator=generator).to(device)
+    index = torch.randint(0, GLOBAL_TOKENS, (batch, sum(sizes), 2), generator=generator).to(device)
+    valid = (torch.rand(batch, sum(sizes), 2, generator=generator) < 0.8).to(device)
+    return student, teacher, TokenMatches(index, valid, tuple(sizes))
 
 
 def time_arm(chunk_tokens: int | None, precision: str, args, device: torch.device) -> dict:
@@ -58,16 +58,18 @@ def time_arm(chunk_tokens: int | None, precision: str, args, device: torch.devic
         t0 = time.perf_counter()
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             # under autocast the bottlenecks come out of the dense head's MLP in bf16
-            loss, _ = loss_fn([z.to(dtype) if dtype else z for z in student], teacher, student_last,
-                              teacher_last, matches, 0.04)
+            loss, _ = loss_fn(student.to(dtype) if dtype else student, teacher, student_last, teacher_last,
+                              matches, 0.04)
         loss.backward()
         sync(device)
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     tokens = GLOBAL_TOKENS * 2 + LOCAL_TOKENS * NUM_LOCAL
-    images = max(1, loss_fn.chunk_tokens // tokens)
+    elem = dtype.itemsize if dtype else 4
+    plan = loss_fn.plan(args.batch, tokens, 2 * GLOBAL_TOKENS, elem, device)
     return {"chunk_tokens": "auto" if chunk_tokens is None else chunk_tokens, "precision": precision,
-            "images_per_chunk": images, "chunk_logits_mib": 4 * args.out_dim * images * tokens / 2**20,
+            "images_per_chunk": plan.images, "recompute": plan.recompute,
+            "chunk_logits_mib": 4 * args.out_dim * plan.images * tokens / 2**20,
             "median_s": statistics.median(times), "all_s": times}
 
 

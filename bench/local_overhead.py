@@ -32,6 +32,8 @@ from glsd_cli.config import resolve  # noqa: E402
 from glsd_cli.data.loader import ViewsDataset  # noqa: E402
 from glsd_cli.engine.pretrain import make_transform, resolve_auto  # noqa: E402
 from glsd_cli.data.synthetic import SyntheticTextures  # noqa: E402
+from glsd_cli.engine.optim import adamw, param_groups  # noqa: E402
+from glsd_cli.engine.task import ScheduledValues  # noqa: E402
 from glsd_cli.methods import StepContext, build_method  # noqa: E402
 
 ARMS = ("dino", "dense-only", "geometric", "similarity")
@@ -53,32 +55,34 @@ def build(preset: str, arm: str, batch: int, dense_out_dim: int | None, device: 
     data = {k: ([v.to(device) for v in val] if isinstance(val, list) else val.to(device)) if k != "label" else val
             for k, val in data.items()}
     if arm == "dense-only":
-        import glsd_cli.geometry as geometry
+        import glsd_cli.matching as matching
 
         def identity_match(student_boxes, student_flips, student_grid, teacher_boxes, teacher_flips, teacher_grid, hinge=True):
             # Pair student token i with teacher token i mod N_t: the dense head's work without matching.
             n_s, n_t = student_grid[0] * student_grid[1], teacher_grid[0] * teacher_grid[1]
             idx = (torch.arange(n_s, device=student_boxes.device) % n_t).expand(len(student_boxes), n_s)
-            return idx, None
+            return idx, torch.ones_like(idx, dtype=torch.bool)
 
-        geometry.match_geometric = identity_match  # the method imports it at call time
+        matching.match_geometric = identity_match  # geometric_matches calls it per run of views
     return cfg, method, data
 
 
 def time_arm(preset, arm, batch, steps, dense_out_dim, device) -> dict:
     cfg, method, data = build(preset, arm, batch, dense_out_dim, device)
-    opt = torch.optim.AdamW([p for p in method.student.parameters() if p.requires_grad], lr=1e-4)
-    ctx = StepContext(epoch=1, step=0, total_steps=100, values={"teacher_temp": 0.04, "momentum": 0.996})
+    opt = adamw(param_groups(method.trainable_modules()))
+    ctx = StepContext(epoch=1, step=0, total_steps=100,
+                      values=ScheduledValues(lr=1e-4, teacher_temp=0.04, momentum=0.996))
     times = []
     for i in range(steps + 1):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        loss, _ = method.training_step(data, ctx)
+        out = method.training_step(data, ctx)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        out.loss.backward()
         opt.step()
-        method.after_step(ctx)
+        with torch.no_grad():
+            method.after_step(ctx, [out])
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i:  # the first step warms up allocators and kernels

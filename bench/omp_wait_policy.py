@@ -19,17 +19,19 @@ from torch.utils.data import default_collate
 from glsd_cli.config import resolve
 from glsd_cli.data.loader import ViewsDataset
 from glsd_cli.engine.pretrain import make_transform, open_training_source, resolve_auto
+from glsd_cli.engine.optim import adamw, param_groups
+from glsd_cli.engine.task import ScheduledValues
 from glsd_cli.methods import StepContext, build_method
 cfg = resolve("tiny-dino"); src = open_training_source(cfg); cfg, _ = resolve_auto(cfg, len(src))
 ds = ViewsDataset(src, make_transform(cfg), 0)
 t = time.perf_counter(); batch = default_collate([ds[i] for i in range(64)]); data_s = time.perf_counter() - t
 torch.manual_seed(0); m = build_method(cfg)
-opt = torch.optim.AdamW([p for p in m.student.parameters() if p.requires_grad])
-ctx = StepContext(1, 0, 100, {"teacher_temp": 0.04, "momentum": 0.99})
+opt = adamw(param_groups(m.trainable_modules()))
+ctx = StepContext(1, 0, 100, ScheduledValues(lr=5e-4, teacher_temp=0.04, momentum=0.99))
 times = []
 for _ in range(5):
     t = time.perf_counter()
-    loss, _ = m.training_step(batch, ctx); opt.zero_grad(); loss.backward(); opt.step(); m.after_step(ctx)
+    out = m.training_step(batch, ctx); opt.zero_grad(); out.loss.backward(); opt.step(); m.after_step(ctx, [out])
     times.append(time.perf_counter() - t)
 print(json.dumps({"data_batch_s": data_s, "step_s": sorted(times)[2]}))
 """

@@ -56,7 +56,8 @@ def _build(spec: dict, sd: bool):
 
     from glsd_cli.config import resolve
     from glsd_cli.engine.pretrain import resolve_auto
-    from glsd_cli.engine.optim import param_groups
+    from glsd_cli.engine.optim import adamw, param_groups
+    from glsd_cli.engine.task import ScheduledValues
     from glsd_cli.methods import StepContext, build_method
 
     torch.manual_seed(0)
@@ -66,7 +67,7 @@ def _build(spec: dict, sd: bool):
     device = torch.device(spec["device"])
     method = build_method(cfg).to(device)
     method.train()
-    opt = torch.optim.AdamW(param_groups(method.trainable_modules()), lr=1e-4)
+    opt = adamw(param_groups(method.trainable_modules()))
     d, b = cfg.data, spec["batch"]
     g = torch.Generator().manual_seed(0)
     n_local = d.num_local_crops if cfg.method.name == "dino" else 0
@@ -77,7 +78,7 @@ def _build(spec: dict, sd: bool):
         batch["boxes"] = torch.tensor([[0.0, 0.0, full, full]]).repeat(b, len(sizes), 1).to(device)
         batch["flips"] = torch.zeros(b, len(sizes), dtype=torch.bool, device=device)
     ctx = StepContext(epoch=1, step=0, total_steps=100,
-                      values={"momentum": 0.996, "teacher_temp": 0.04, "sd_weight": 0.5})
+                      values=ScheduledValues(lr=1e-4, momentum=0.996, teacher_temp=0.04, sd_weight=0.5))
     params = sum(p.numel() for p in method.trainable_modules().parameters() if p.requires_grad)
     return method, opt, batch, ctx, {"trainable_params": params, "views": sizes}
 
@@ -86,12 +87,12 @@ def _step(method, opt, batch, ctx) -> None:
     """One engine step: forward + loss, backward, AdamW, EMA / centres."""
     import torch
 
-    loss, _ = method.training_step(batch, ctx)
+    out = method.training_step(batch, ctx)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    out.loss.backward()
     opt.step()
     with torch.no_grad():
-        method.after_step(ctx)
+        method.after_step(ctx, [out])
 
 
 def child(spec: dict) -> dict:

@@ -35,12 +35,12 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count  # noqa: E402
 from train_precision import batches  # noqa: E402  (pre-built multi-crop batches on the device)
 
-from glsd_cli.engine.optim import param_groups  # noqa: E402
+from glsd_cli.engine.optim import adamw, param_groups  # noqa: E402
 from glsd_cli.engine.precision import autocast_dtype, cpu_supports_bf16  # noqa: E402
 from glsd_cli.engine.pretrain import build_schedules  # noqa: E402
 from glsd_cli.engine.trainer import Trainer  # noqa: E402
 from glsd_cli.methods import build_method  # noqa: E402
-from glsd_cli.methods.glsd import NUM_GLOBAL  # noqa: E402
+from glsd_cli.data.multicrop import NUM_GLOBAL_VIEWS as NUM_GLOBAL  # noqa: E402
 
 RESULT = RESULTS / "step_bound.json"
 DEFAULT_BATCH = {"tiny-dino": 64, "tiny-geo": 64, "vits16-geo": 2}  # tiny: the presets' data.batch_size
@@ -131,7 +131,7 @@ def time_arm(cfg, precision: str, data: list[dict], steps: int, warmup: int, loc
     torch.manual_seed(0)
     method = build_method(cfg).to(device)
     total = steps + warmup
-    trainer = Trainer(task=method, optimizer=torch.optim.AdamW(param_groups(method.trainable_modules()), lr=0.0),
+    trainer = Trainer(task=method, optimizer=adamw(param_groups(method.trainable_modules())),
                       schedules=build_schedules(cfg, method, total), epochs=1, steps_per_epoch=total,
                       run_dir=None, device=device, config_json="{}", precision=precision,
                       clip_grad=cfg.optim.clip_grad, quiet=True)

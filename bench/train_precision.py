@@ -25,7 +25,7 @@ from torch.utils.data import default_collate  # noqa: E402
 
 from glsd_cli.data.loader import ViewsDataset  # noqa: E402
 from glsd_cli.data.synthetic import SyntheticTextures  # noqa: E402
-from glsd_cli.engine.optim import param_groups  # noqa: E402
+from glsd_cli.engine.optim import adamw, param_groups  # noqa: E402
 from glsd_cli.engine.precision import cpu_supports_bf16  # noqa: E402
 from glsd_cli.engine.pretrain import build_schedules, make_transform  # noqa: E402
 from glsd_cli.engine.trainer import Trainer  # noqa: E402
@@ -51,7 +51,7 @@ def run_arm(cfg, precision: str, data: list[dict], steps: int, warmup: int, devi
     torch.manual_seed(0)
     method = build_method(cfg).to(device)
     total = max(steps, 1)
-    trainer = Trainer(task=method, optimizer=torch.optim.AdamW(param_groups(method.trainable_modules()), lr=0.0),
+    trainer = Trainer(task=method, optimizer=adamw(param_groups(method.trainable_modules())),
                       schedules=build_schedules(cfg, method, total), epochs=1, steps_per_epoch=total, run_dir=None,
                       device=device, config_json="{}", precision=precision, clip_grad=cfg.optim.clip_grad, quiet=True)
     losses, times = [], []
@@ -63,7 +63,7 @@ def run_arm(cfg, precision: str, data: list[dict], steps: int, warmup: int, devi
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-        losses.append(metrics["loss"])
+        losses.append(float(metrics["loss"]))
     timed = times[warmup:] or times
     step_s = statistics.median(timed)
     batch = len(data[0]["views"][0])

@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveInt, ValidationError
 
 from glsd_cli.errors import ConfigError
 
@@ -82,10 +82,11 @@ class LocalConfig(Section):
     out_dim: Union[int, Auto] = Field(8192, description="prototypes of the dense head (iBOT uses 8192 for patch tokens)")
     chunk_tokens: Union[PositiveInt, Auto] = Field(
         "auto", description="student tokens per chunk of dense logits, rounded to whole images (at least one); "
-                            "'auto': a 16 MiB float32 chunk, which CPU memory allocators reuse")
-    recompute_above_mib: float = Field(
-        32.0, ge=0, description="recompute a chunk's dense logits in backward when its float32 logits exceed this "
-                                "many MiB (smaller chunks keep them; 0 = always recompute)")
+                            "'auto': from the device's memory (CPU: 16 MiB chunks; GPU: a quarter of free memory)")
+    recompute_above_mib: Union[NonNegativeFloat, Auto] = Field(
+        "auto", description="recompute a chunk's dense logits in backward when its float32 logits exceed this "
+                            "many MiB (0 = always); 'auto': CPU 32, GPU only when keeping every chunk's "
+                            "buffers would take over a quarter of free memory")
 
 
 class SDConfig(Section):

@@ -20,7 +20,6 @@ __all__ = [
     "token_centres",
     "match_geometric",
     "match_geometric_bruteforce",
-    "valid_fraction",
 ]
 
 Grid = Sequence[int]  # (rows R, columns C)
@@ -82,6 +81,11 @@ def _half_diag_sq(b: Tensor, grid: tuple[int, int]) -> Tensor:
     return (b[:, 3] / cols / 2) ** 2 + (b[:, 2] / rows / 2) ** 2
 
 
+def reading_is_free(device: torch.device) -> bool:
+    """Whether reading a tensor's value on the host costs nothing (the CPU), or waits for the device."""
+    return device.type == "cpu"
+
+
 def _nearest_cell(pos: Tensor, start: Tensor, size: Tensor, n: int, prefer_high: Tensor) -> Tensor:
     """Index of the cell centre nearest to ``pos`` along one axis, O(1) per point.
 
@@ -100,12 +104,14 @@ def _nearest_cell(pos: Tensor, start: Tensor, size: Tensor, n: int, prefer_high:
     take_high = (d1 < d0) | ((d1 == d0) & prefer_high)
     best = torch.where(take_high, k1, k0)
     dmin = torch.minimum(d0, d1)
-    # A tie beyond the bracket needs degenerate geometry; check it with one op and one sync
-    # instead of always paying ~log2(n) rounds of the search below.
-    beyond = torch.where(prefer_high, best + 1, best - 1).clamp(0, n - 1)
-    if bool(((beyond != best) & (_sq_dist(pos, start, size, n, beyond) == dmin)).any()):
-        best = _tie_end(pos, start, size, n, best, dmin, prefer_high)
-    return best
+    # A tie beyond the bracket needs degenerate geometry. On the CPU one check (a host read, which
+    # costs nothing there) spares the ~log2(n) rounds of the search below; on an accelerator that
+    # read would stall the training step, so the search always runs (a no-op without such a tie).
+    if reading_is_free(pos.device):
+        beyond = torch.where(prefer_high, best + 1, best - 1).clamp(0, n - 1)
+        if not bool(((beyond != best) & (_sq_dist(pos, start, size, n, beyond) == dmin)).any()):
+            return best
+    return _tie_end(pos, start, size, n, best, dmin, prefer_high)
 
 
 def _sq_dist(pos: Tensor, start: Tensor, size: Tensor, n: int, k: Tensor) -> Tensor:
@@ -210,9 +216,3 @@ def match_geometric_bruteforce(
     limit = torch.maximum(_half_diag_sq(tb, t_grid), _half_diag_sq(sb, s_grid))
     return index, d2_min < limit[:, None]
 
-
-def valid_fraction(valid: Tensor | None) -> float:
-    """Fraction of True entries of a hinge mask (1.0 for ``None``, i.e. no mask)."""
-    if valid is None or valid.numel() == 0:
-        return 1.0
-    return float(valid.float().mean().item())

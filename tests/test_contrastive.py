@@ -202,6 +202,7 @@ def step(student, teacher, x, loss_fn, lam):
     with torch.no_grad():
         t_out = teacher(x, final_only=True, predict=False)
     loss, stats = loss_fn(out, None if loss_fn.method == "simclr" else t_out, lam)
+    stats = {k: float(v) for k, v in stats.items()}
     loss.backward()
     grads = {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p))
              for n, p in s.named_parameters()}
@@ -226,6 +227,7 @@ def test_layerwise_total_matches_composition(method):
         tf = teacher(x, final_only=True).final_proj
     lam = 0.3
     loss, stats = LayerwiseContrastiveLoss(method, TAU)(out, tf, lam)
+    stats = {k: float(v) for k, v in stats.items()}
     d = lambda ts: [t.detach().double() for t in ts]  # noqa: E731
     fl, layers = out.final_layer, out.distilled_layers
     if method == "simclr":
@@ -320,6 +322,7 @@ def test_layerwise_dino_matches_formula():
     logits = {l: [torch.randn(b, k, generator=g, dtype=torch.float64) for _ in range(2)] for l in (0, 3)}
     probs = [torch.softmax(torch.randn(b, k, generator=g, dtype=torch.float64), -1) for _ in range(2)]
     loss, stats = LayerwiseDinoLoss(student_temp=ts)(logits, probs)
+    stats = {k: float(v) for k, v in stats.items()}
     per = {}
     for l, zs in logits.items():
         pair_losses = []

@@ -1,4 +1,6 @@
 """The global-local method: local term wiring, gradients, one backbone forward per resolution."""
+import math
+
 import pytest
 import torch
 from torch.utils.data import default_collate
@@ -6,6 +8,7 @@ from torch.utils.data import default_collate
 from glsd_cli.config import resolve
 from glsd_cli.data.loader import ViewsDataset
 from glsd_cli.engine.pretrain import make_transform, open_training_source, resolve_auto
+from glsd_cli.engine.task import ScheduledValues
 from glsd_cli.methods import StepContext, build_method
 from tests.conftest import TINY_OVERRIDES
 
@@ -18,14 +21,20 @@ def _setup(matching, extra=()):
     cfg, _ = resolve_auto(cfg, len(source))
     method = build_method(cfg)
     batch = default_collate([ViewsDataset(source, make_transform(cfg), 0)[i] for i in range(4)])
-    ctx = StepContext(epoch=1, step=0, total_steps=10, values={"teacher_temp": 0.04, "momentum": 0.99})
+    ctx = StepContext(epoch=1, step=0, total_steps=10, values=ScheduledValues(lr=0.0, teacher_temp=0.04, momentum=0.99))
     return cfg, method, batch, ctx
+
+
+def _run(method, batch, ctx):
+    """(loss, metrics as floats, the step output) of one training step."""
+    out = method.training_step(batch, ctx)
+    return out.loss, {k: float(v) for k, v in out.metrics.items()}, out
 
 
 @pytest.mark.parametrize("matching", ["geometric", "similarity"])
 def test_local_term_is_weighted_and_teacher_gets_no_gradient(matching):
     cfg, method, batch, ctx = _setup(matching, ["method.local.weight=0.3"])
-    loss, metrics = method.training_step(batch, ctx)
+    loss, metrics, _ = _run(method, batch, ctx)
     w = 0.3
     assert loss.item() == pytest.approx((1 - w) * metrics["loss_global"] + w * metrics["loss_local"], rel=1e-5)
     assert 0 < metrics["local_valid_fraction"] <= 1
@@ -39,17 +48,16 @@ def test_local_term_is_weighted_and_teacher_gets_no_gradient(matching):
 
 def test_no_local_loss_is_plain_dino():
     _, method, batch, ctx = _setup("none")
-    loss, metrics = method.training_step(batch, ctx)
+    loss, metrics, _ = _run(method, batch, ctx)
     assert "dense_head" not in method.student and "loss_local" not in metrics
     assert loss.item() == metrics["loss_global"]
 
 
-def test_sinkhorn_centring_gives_the_global_targets_and_the_monitor_sees_them():
-    from glsd_cli.engine.monitors import CollapseMonitor, collapse_stats
+def test_sinkhorn_centring_gives_the_global_targets_and_the_collapse_statistics_see_them():
+    from glsd_cli.engine.monitors import collapse_stats
     from glsd_cli.losses.dino import sinkhorn_knopp
 
     _, method, batch, ctx = _setup("none", ['method.loss.centering="sinkhorn"', "method.loss.sinkhorn_iterations=4"])
-    monitor = CollapseMonitor(method)
     with torch.no_grad():
         views = batch["views"]
         t_logits = method.teacher["head"](method.teacher["backbone"].forward_tokens(torch.cat(views[:2])).cls)
@@ -57,10 +65,38 @@ def test_sinkhorn_centring_gives_the_global_targets_and_the_monitor_sees_them():
     targets = sinkhorn_knopp(t_logits, 0.04, 4).chunk(2)  # both global views normalised together
     want = [-(targets[t] * torch.log_softmax(s_logits[s] / 0.1, -1)).sum(-1).mean()
             for t in range(2) for s in range(len(views)) if s != t]
-    loss, metrics = method.training_step(batch, ctx)
+    loss, metrics, _ = _run(method, batch, ctx)
     assert metrics["loss_global"] == pytest.approx(torch.stack(want).mean().item(), rel=1e-4)
-    assert monitor.step_metrics()["teacher_entropy"] == pytest.approx(
-        collapse_stats(torch.cat(targets))["teacher_entropy"], rel=1e-4)
+    assert metrics["teacher_entropy"] == pytest.approx(
+        float(collapse_stats(torch.cat(targets))["teacher_entropy"]), rel=1e-4)
+    assert "center_norm" not in metrics  # Sinkhorn-Knopp uses no centre
+
+
+@pytest.mark.parametrize("sd", [False, True])
+def test_teacher_targets_are_made_once_per_step(monkeypatch, sd):
+    # The global loss, SD's layer terms and the collapse statistics all use the step's one set of targets.
+    import glsd_cli.losses.dino as dino
+
+    extra = ['method.loss.centering="sinkhorn"'] + (["method.sd.enabled=true"] if sd else [])
+    _, method, batch, ctx = _setup("geometric", extra)
+    ctx = StepContext(1, 0, 10, ScheduledValues(lr=0.0, teacher_temp=0.04, momentum=0.99, sd_weight=0.5))
+    calls = []
+    real = dino.sinkhorn_knopp
+    monkeypatch.setattr(dino, "sinkhorn_knopp", lambda *a, **k: calls.append(1) or real(*a, **k))
+    _run(method, batch, ctx)
+    assert len(calls) == 1
+
+
+def test_collapse_statistics_and_centre_norms_are_step_metrics():
+    _, method, batch, ctx = _setup("geometric")
+    assert method.num_prototypes == 64
+    loss, metrics, out = _run(method, batch, ctx)
+    assert 0 <= metrics["teacher_entropy"] <= math.log(64) and 0 <= metrics["teacher_kl_uniform"] <= math.log(64)
+    assert metrics["center_norm"] == 0 and metrics["center_norm_local_loss"] == 0  # the centres start at 0 ...
+    method.after_step(ctx, [out])
+    _, metrics, _ = _run(method, batch, ctx)
+    assert metrics["center_norm"] > 0 and metrics["center_norm_local_loss"] > 0  # ... and move after a step
+    assert all(v.device == loss.device and v.ndim == 0 for v in out.metrics.values())
 
 
 def test_koleo_term_is_added_on_the_students_global_cls_tokens():
@@ -69,7 +105,7 @@ def test_koleo_term_is_added_on_the_students_global_cls_tokens():
     _, method, batch, ctx = _setup("none", ["method.loss.koleo_weight=0.25"])
     with torch.no_grad():
         want = sum(koleo_loss(method.student["backbone"].forward_tokens(v).cls) for v in batch["views"][:2])
-    loss, metrics = method.training_step(batch, ctx)
+    loss, metrics, _ = _run(method, batch, ctx)
     assert metrics["loss_koleo"] == pytest.approx(want.item(), rel=1e-4)
     assert loss.item() == pytest.approx(metrics["loss_global"] + 0.25 * metrics["loss_koleo"], rel=1e-5)
 
@@ -87,9 +123,9 @@ def test_one_student_forward_per_resolution(monkeypatch):
 def test_centres_move_after_step():
     _, method, batch, ctx = _setup("geometric")
     before = (method.dino_loss.center.clone(), method.local_loss.center.clone())
-    method.training_step(batch, ctx)
+    out = method.training_step(batch, ctx)
     assert torch.equal(method.dino_loss.center, before[0])  # unchanged until after_step
-    method.after_step(ctx)
+    method.after_step(ctx, [out])
     assert not torch.equal(method.dino_loss.center, before[0])
     assert not torch.equal(method.local_loss.center, before[1])
 

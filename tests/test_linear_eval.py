@@ -15,7 +15,7 @@ from glsd_cli.eval.linear_probes import (EpochScores, LinearProbes, ProbeTask, R
                                          report_rows)
 from glsd_cli.eval.splits import open_eval_splits
 from glsd_cli.errors import GlsdError
-from glsd_cli.methods.base import StepContext
+from glsd_cli.engine.task import StepContext
 from glsd_cli.models.backbone import Backbone
 from tests.cli_helpers import run_cli
 from tests.eval_run import copy_run, pretrained_run
@@ -126,7 +126,7 @@ def test_heads_trained_jointly_equal_heads_trained_alone():
     task = ProbeTask(probes, [Representation("x", (0,))])
     for step in range(5):
         rows = slice(16 * (step % 4), 16 * (step % 4) + 16)
-        loss, _ = task.training_step({"features": [x[rows]], "label": y[rows]}, StepContext(0, step, 5))
+        loss = task.training_step({"features": [x[rows]], "label": y[rows]}, StepContext(0, step, 5)).loss
         opt.zero_grad()
         loss.backward()
         opt.step()

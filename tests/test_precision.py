@@ -10,7 +10,7 @@ from torch.utils.data import default_collate
 from glsd_cli.config import resolve
 from glsd_cli.data.loader import ViewsDataset
 from glsd_cli.data.synthetic import SyntheticTextures
-from glsd_cli.engine.optim import param_groups
+from glsd_cli.engine.optim import adamw, param_groups
 from glsd_cli.engine.precision import autocast_dtype, cpu_supports_bf16
 from glsd_cli.engine.pretrain import _compile_backbones, build_schedules, make_transform, resolve_auto
 from glsd_cli.engine.trainer import Trainer
@@ -48,7 +48,7 @@ def _setup(tiny_cfg, precision="fp32", accum=1, compile=False):
         _compile_backbones(method)
     dataset = ViewsDataset(SyntheticTextures("train", BATCH * STEPS, size=16), make_transform(cfg), seed=0)
     batches = [default_collate([dataset[i] for i in range(s * BATCH, (s + 1) * BATCH)]) for s in range(STEPS)]
-    trainer = Trainer(task=method, optimizer=torch.optim.AdamW(param_groups(method.trainable_modules()), lr=0.0),
+    trainer = Trainer(task=method, optimizer=adamw(param_groups(method.trainable_modules())),
                       schedules=build_schedules(cfg, method, STEPS), epochs=1, steps_per_epoch=STEPS, run_dir=None,
                       device=CPU, config_json="{}", precision=precision, clip_grad=cfg.optim.clip_grad,
                       accum_steps=accum, quiet=True)
@@ -66,7 +66,7 @@ def _split(batch: dict, parts: int) -> list[dict]:
 
 
 def _train(trainer, batches, accum=1) -> list[float]:
-    return [trainer.train_step(_split(batch, accum), step)["loss"] for step, batch in enumerate(batches)]
+    return [float(trainer.train_step(_split(batch, accum), step)["loss"]) for step, batch in enumerate(batches)]
 
 
 def test_gradient_accumulation_matches_the_full_batch(tiny_cfg):

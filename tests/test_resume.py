@@ -139,13 +139,13 @@ def test_loader_does_not_touch_the_global_rng():
 def _regression_trainer(run_dir, hook=None):
     import numpy as np
 
-    from glsd_cli.engine.optim import param_groups
+    from glsd_cli.engine.optim import adamw, param_groups
     from glsd_cli.engine.trainer import Trainer
     from tests.test_engine_safety import STEPS_PER_EPOCH, Regression
 
     torch.manual_seed(0)
     task = Regression()
-    return Trainer(task=task, optimizer=torch.optim.AdamW(param_groups(task), lr=0.0),
+    return Trainer(task=task, optimizer=adamw(param_groups(task)),
                    schedules={"lr": np.linspace(1e-2, 1e-3, 3 * STEPS_PER_EPOCH)}, epochs=3,
                    steps_per_epoch=STEPS_PER_EPOCH, run_dir=run_dir, device=torch.device("cpu"), config_json="{}",
                    quiet=True, plots=False, epoch_end_hook=hook)

@@ -15,6 +15,7 @@ from glsd_cli.data.loader import ViewsDataset
 from glsd_cli.engine.pretrain import make_method_transform, open_training_source, resolve_auto
 from glsd_cli.engine.optim import param_groups
 from glsd_cli.errors import ConfigError
+from glsd_cli.engine.task import ScheduledValues
 from glsd_cli.methods import StepContext, build_method
 from glsd_cli.models.mocov3_vit import sincos_2d_position_embedding
 from tests.conftest import TINY_OVERRIDES
@@ -39,14 +40,15 @@ def two_views(b: int = 8, size: int = 16, seed: int = 1) -> dict:
 
 
 def ctx(sd_weight: float | None = None, **values) -> StepContext:
-    vals = {"momentum": 0.9, "teacher_temp": 0.04, **values}
+    vals = {"lr": 0.0, "momentum": 0.9, "teacher_temp": 0.04, **values}
     if sd_weight is not None:
         vals["sd_weight"] = sd_weight
-    return StepContext(epoch=1, step=3, total_steps=10, values=vals)
+    return StepContext(epoch=1, step=3, total_steps=10, values=ScheduledValues(**vals))
 
 
 def grads_of(method, batch, c: StepContext):
-    loss, metrics = method.training_step(batch, c)
+    out = method.training_step(batch, c)
+    loss, metrics = out.loss, {k: float(v) for k, v in out.metrics.items()}
     loss.backward()
     grads = {n: p.grad.clone() for n, p in method.student.named_parameters() if p.grad is not None}
     return loss, metrics, grads
@@ -79,7 +81,7 @@ def test_r0_reproduces_the_baseline(name):
     batch = two_views()
     b_loss, b_m, b_g = grads_of(base, batch, ctx())
     s_loss, s_m, s_g = grads_of(sd, batch, ctx(float(lam[4])))
-    assert s_m["loss_final"] == b_m["loss_final"] == b_loss.item() and b_m["sd_weight"] == 0.0
+    assert s_m["loss_final"] == b_m["loss_final"] == b_loss.item()
     # Backbone and final projector: bit-identical gradients. (The distilled layers' heads exist only in SD.)
     for n, g in b_g.items():
         if ".predictors." not in n:
@@ -96,7 +98,7 @@ def test_r0_reproduces_the_baseline(name):
         assert p_loss.item() == b_loss.item()
         assert all(torch.equal(p_g[n], g) for n, g in b_g.items())
     # One EMA step moves both teachers identically.
-    base.after_step(ctx()), sd.after_step(ctx(0.0))
+    base.after_step(ctx(), []), sd.after_step(ctx(0.0), [])
     assert all(torch.equal(p, sd.teacher.state_dict()[k]) for k, p in base.teacher.state_dict().items()
                if "running" not in k and "num_batches" not in k)
 
@@ -160,7 +162,7 @@ def test_teacher_and_heads_layout():
     assert len(simclr.teacher) == 0 and simclr.backbone("teacher") is simclr.student["backbone"]
     assert not any(k.startswith("teacher.") for k in simclr.state_dict())
     before = {k: v.clone() for k, v in simclr.state_dict().items()}
-    simclr.after_step(ctx(0.1))  # no teacher: nothing moves
+    simclr.after_step(ctx(0.1), [])  # no teacher: nothing moves
     assert all(torch.equal(v, simclr.state_dict()[k]) for k, v in before.items())
 
 
@@ -232,11 +234,11 @@ def test_frozen_patch_embedding_gets_no_gradient_and_no_update():
     opt = torch.optim.AdamW(groups, lr=1e-2)
     for step in range(2):
         opt.zero_grad()
-        loss, _ = method.training_step(two_views(seed=step), ctx(0.5))
+        loss = method.training_step(two_views(seed=step), ctx(0.5)).loss
         loss.backward()
         assert proj.weight.grad is None and proj.bias.grad is None
         opt.step()
-        method.after_step(ctx(0.5, momentum=0.5))
+        method.after_step(ctx(0.5, momentum=0.5), [])
     assert torch.equal(proj.weight, before[0])
     assert torch.equal(method.teacher["backbone"].model.patch_embed.proj.weight, before[1])
     qkv = method.teacher["backbone"].model.blocks[0].attn.qkv.weight

@@ -6,6 +6,7 @@ from glsd_cli.config import resolve
 from glsd_cli.data.loader import ViewsDataset
 from glsd_cli.data.synthetic import SyntheticTextures
 from glsd_cli.engine.pretrain import make_transform, resolve_auto
+from glsd_cli.engine.task import ScheduledValues
 from glsd_cli.methods import StepContext, build_method
 
 
@@ -19,8 +20,9 @@ def test_swint_geo_step_has_7x7_and_3x3_grids():
     batch = default_collate([dataset[i] for i in range(2)])
     grids = [method.student["backbone"].forward_tokens(v[:1]).grid for v in (batch["views"][0], batch["views"][2])]
     assert grids == [(7, 7), (3, 3)]
-    ctx = StepContext(1, 0, 10, {"teacher_temp": 0.04, "momentum": 0.99})
-    loss, metrics = method.training_step(batch, ctx)
+    ctx = StepContext(1, 0, 10, ScheduledValues(lr=0.0, teacher_temp=0.04, momentum=0.99))
+    out = method.training_step(batch, ctx)
+    loss, metrics = out.loss, out.metrics
     loss.backward()
     assert metrics["loss_local"] > 0 and 0 < metrics["local_valid_fraction"] <= 1
     assert all(p.grad is None for p in method.teacher.parameters())

@@ -17,6 +17,8 @@ from torchvision.transforms.v2 import functional as F
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# DINO's multi-crop has two global views, first in every sample; they are the teacher's views.
+NUM_GLOBAL_VIEWS = 2
 
 
 def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
@@ -81,11 +83,12 @@ class MultiCrop:
     def __init__(self, global_size: int, local_size: int, num_local: int,
                  global_scale: tuple[float, float] = (0.4, 1.0), local_scale: tuple[float, float] = (0.05, 0.4),
                  color: bool = True, global_blur: tuple[float, float] = (1.0, 0.1)):
+        # The NUM_GLOBAL_VIEWS global recipes first.
         self.recipes = [ViewRecipe(global_size, global_scale, global_blur[0]),
                         ViewRecipe(global_size, global_scale, global_blur[1], solarize_p=0.2)]
         self.recipes += [ViewRecipe(local_size, local_scale, 0.5)] * num_local
         self.color = color
-        self.num_global = 2
+        self.num_global = NUM_GLOBAL_VIEWS
 
     @property
     def num_views(self) -> int:

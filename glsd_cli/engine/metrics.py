@@ -74,15 +74,15 @@ class _Bar:
         if self.progress is not None:
             self.progress.update(self.task_id, completed=n)
 
-    def update(self, metrics: dict, values: dict, epoch: int, epochs: int) -> None:
+    def update(self, metrics: dict[str, float] | None, values, epoch: int, epochs: int) -> None:
+        """Advance one step; `metrics` (read at log steps only) refresh the status text."""
         if self.progress is None:
             return
         if not metrics:
             self.progress.update(self.task_id, advance=1)
             return
         text = f"epoch {epoch + 1}/{epochs}  loss {metrics.get('loss', float('nan')):.4f}"
-        if "lr" in values:
-            text += f"  lr {values['lr']:.2e}"
+        text += f"  lr {values.lr:.2e}"
         if "images_per_s" in metrics:
             text += f"  {metrics['images_per_s']:.0f} img/s"
         self.progress.update(self.task_id, advance=1, status=text)

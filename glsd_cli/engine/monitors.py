@@ -10,19 +10,16 @@ logged here separate them from a healthy run:
   log K, well above 0).
 The centre norm is logged alongside: a centre that runs away is often the first visible symptom.
 
-A method can report these itself with `collapse_metrics() -> dict[str, float]`: the values for its
-last training step under the keys `teacher_entropy`, `teacher_kl_uniform` (nats) and
-`teacher_prototypes` (K, to judge them against log K); otherwise they are computed from the inputs of every `DINOLoss` in the
-task, through a forward hook that reads its teacher logits (no gradient, no random numbers).
+Methods report them in their step metrics, computed from the targets they already made
+(`collapse_stats`); the loop averages them per epoch and `collapse_warning` judges the epoch.
 """
 from __future__ import annotations
 
 import math
 
 import torch
-from torch import nn
 
-ENTROPY, KL_UNIFORM, NUM_PROTOTYPES = "teacher_entropy", "teacher_kl_uniform", "teacher_prototypes"
+ENTROPY, KL_UNIFORM = "teacher_entropy", "teacher_kl_uniform"
 COLLAPSE_KEYS = (ENTROPY, KL_UNIFORM)
 # Fractions of log K. Healthy DINO runs sit far from both ends; these only fire near a true collapse.
 UNIFORM_ENTROPY, UNIFORM_KL = 0.9, 0.05
@@ -30,69 +27,15 @@ ONE_PROTOTYPE_KL = 0.9
 
 
 @torch.no_grad()
-def collapse_stats(probs: torch.Tensor) -> dict[str, float]:
-    """probs (N, K), rows summing to 1 → mean per-row entropy and KL(mean row ‖ uniform), in nats."""
+def collapse_stats(probs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """probs (N, K), rows summing to 1 → mean per-row entropy and KL(mean row ‖ uniform), in nats, as
+    0-d tensors on probs' device (read when a log line is written, not every step)."""
     p = probs.float()
     k = p.shape[-1]
     entropy = -(p * p.clamp_min(1e-30).log()).sum(-1).mean()
     mean = p.mean(0)
     kl = (mean * (mean.clamp_min(1e-30) * k).log()).sum()
-    return {ENTROPY: float(entropy), KL_UNIFORM: float(kl), NUM_PROTOTYPES: float(k)}
-
-
-class CollapseMonitor:
-    """Collects the collapse statistics of each training step and warns at epoch ends."""
-
-    def __init__(self, task: nn.Module):
-        from glsd_cli.losses.dino import DINOLoss
-
-        self.task = task
-        self._pending: list[dict[str, float]] = []
-        self.num_prototypes: int | None = None
-        # Every `center` buffer in use (a DINO loss with Sinkhorn-Knopp targets has an unused one).
-        self._centers = [(name, buf) for name, buf in task.named_buffers() if name.rsplit(".", 1)[-1] == "center"
-                         and getattr(task.get_submodule(name.rpartition(".")[0]), "centering", "ema") != "sinkhorn"]
-        self._handles = []
-        if not hasattr(task, "collapse_metrics"):
-            for module in task.modules():
-                if isinstance(module, DINOLoss):
-                    self._handles.append(module.register_forward_hook(self._on_dino_loss, with_kwargs=True))
-                    break  # the global loss is the one to watch; per-layer losses share its targets
-
-    def _on_dino_loss(self, module, args, kwargs, output) -> None:  # noqa: ARG002
-        teacher = kwargs.get("teacher_logits", args[1] if len(args) > 1 else None)
-        temp = kwargs.get("teacher_temp", args[2] if len(args) > 2 else None)
-        if teacher is None or temp is None:
-            return
-        with torch.no_grad():
-            probs = torch.cat(module.teacher_targets([t.detach() for t in teacher], temp))
-            self._pending.append(collapse_stats(probs))
-
-    def step_metrics(self) -> dict[str, float]:
-        """The statistics of the step's forward passes, averaged over its micro-batches."""
-        out: dict[str, float] = {}
-        if hasattr(self.task, "collapse_metrics"):
-            out.update(self.task.collapse_metrics())
-        elif self._pending:
-            for key in self._pending[0]:
-                out[key] = sum(d[key] for d in self._pending) / len(self._pending)
-        self._pending.clear()
-        if NUM_PROTOTYPES in out:  # a constant: kept here for the warning, not logged every step
-            self.num_prototypes = int(out.pop(NUM_PROTOTYPES))
-        return out
-
-    def center_norms(self) -> dict[str, float]:
-        """Norm of every `center` buffer (the same on all processes: centres are all-reduced)."""
-        out: dict[str, float] = {}
-        for name, buf in self._centers:
-            module = name.rsplit(".", 1)[0] if "." in name else ""
-            key = "center_norm" if module in ("", "dino_loss") else f"center_norm_{module.replace('.', '_')}"
-            out[key] = float(buf.float().norm())
-        return out
-
-    def close(self) -> None:
-        for h in self._handles:
-            h.remove()
+    return {ENTROPY: entropy, KL_UNIFORM: kl}
 
 
 def collapse_warning(summary: dict[str, float], num_prototypes: int | None, epoch: int) -> str | None:

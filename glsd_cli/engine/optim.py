@@ -16,23 +16,26 @@ def param_groups(module: nn.Module) -> list[dict]:
                                                    "fixed_weight_decay": True}]
 
 
-def grad_norms(params: list[nn.Parameter]) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """The gradients present and their L2 norms (one fused kernel)."""
+def adamw(groups: list[dict], **kwargs) -> torch.optim.AdamW:
+    """AdamW with torch's fused kernel: one kernel per step for all parameters, and its step counters
+    stay on the parameters' device, where the default implementation reads them on the host for
+    every parameter (a wait for a GPU). The same update rule; lr set by the schedules."""
+    return torch.optim.AdamW(groups, lr=0.0, fused=True, **kwargs)
+
+
+def grad_norms(params: list[nn.Parameter], device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The gradients present and their L2 norms (one fused kernel), on the device."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return [], torch.zeros(0)
+        return [], torch.zeros(0, device=device)
     return grads, torch.stack(torch._foreach_norm(grads))
 
 
-def clip_per_parameter(params: list[nn.Parameter], clip: float) -> float:
-    """DINO's `clip_gradients`: each parameter's gradient norm is clipped separately. Returns the mean norm."""
-    return clip_gradients(*grad_norms(params), clip)
-
-
-def clip_gradients(grads: list[torch.Tensor], norms: torch.Tensor, clip: float) -> float:
-    """Scale each gradient to norm <= clip, given the norms from `grad_norms`; returns their mean."""
+def clip_gradients(grads: list[torch.Tensor], norms: torch.Tensor, clip: float) -> torch.Tensor:
+    """DINO's `clip_gradients`: scale each gradient to norm <= clip, given the norms from `grad_norms`;
+    returns their mean (a 0-d device tensor: nothing waits for the device here)."""
     if not grads:
-        return 0.0
+        return norms.new_zeros(())
     coefs = torch.clamp(clip / (norms + 1e-6), max=1.0)
     torch._foreach_mul_(grads, list(coefs.unbind()))
-    return float(norms.mean())
+    return norms.mean()

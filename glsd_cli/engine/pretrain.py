@@ -20,7 +20,7 @@ from glsd_cli.engine import distributed as dist
 from glsd_cli.engine.checkpoint import CHECKPOINT_NAME, read_checkpoint
 from glsd_cli.engine.metrics import console
 from glsd_cli.engine.schedules import cosine_schedule
-from glsd_cli.engine.optim import param_groups
+from glsd_cli.engine.optim import adamw, param_groups
 from glsd_cli.engine.precision import autocast_dtype, describe, pick_device
 from glsd_cli.engine.trainer import Trainer
 from glsd_cli.errors import ConfigError, DataError, GlsdError
@@ -162,7 +162,7 @@ def pretrain(cfg: Config, preset: str, resume: Path | None = None, quiet: bool =
         _compile_backbones(method)
     sampler = EpochSampler(len(source), cfg.data.batch_size, cfg.run.seed, dist.rank(), world)
     dataset = ViewsDataset(source, make_method_transform(cfg, method), cfg.run.seed)
-    optimizer = torch.optim.AdamW(param_groups(method.trainable_modules()), lr=0.0)
+    optimizer = adamw(param_groups(method.trainable_modules()))
     trainer = Trainer(task=method, optimizer=optimizer, schedules=build_schedules(cfg, method, sampler.steps_per_epoch),
                       epochs=cfg.run.epochs, steps_per_epoch=sampler.steps_per_epoch, run_dir=run_dir, device=device,
                       config_json=cfg.to_json(), precision=cfg.run.precision, clip_grad=cfg.optim.clip_grad,

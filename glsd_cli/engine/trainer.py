@@ -1,11 +1,14 @@
 """The one training loop: pre-training, linear evaluation and fine-tuning all run through it.
 
-Per optimiser step: scheduled lr / weight decay → for each of `accum_steps` micro-batches, forward
-under autocast and backward → one small all-reduce of the step's metrics and of the flags every
-process must agree on (non-finite loss, stop signal, unreadable images) → gradient average over
-processes → per-parameter clipping (DINO) → drop frozen gradients → optimiser step →
-`task.after_step` (EMA, centres). Logs metrics.jsonl every N steps, results.csv and results.png every
-epoch; checkpoints atomically at epoch ends, every N steps and on SIGINT/SIGTERM; resumes exactly.
+Per optimiser step (`_step`): scheduled lr / weight decay → for each of `accum_steps` micro-batches,
+`task.training_step` under autocast and backward → gradient average over processes → gradient norms →
+ONE device vector of the flags every process must agree on (non-finite loss or gradient, stop signal,
+unreadable images) and the step's metrics, all-reduced in one call, of which only the flags are read
+to the host → per-parameter clipping (DINO) → drop `task.frozen_parameters` → optimiser step →
+`task.after_step` (EMA, centres). The metrics stay on the device, summed per epoch there, and are read
+when a log line is written (every `log_every_steps`): a step waits for the device once, not once per
+number. Logs metrics.jsonl every N steps, results.csv and results.png every epoch; checkpoints
+atomically at epoch ends, every N steps and on SIGINT/SIGTERM; resumes exactly.
 """
 from __future__ import annotations
 
@@ -28,11 +31,11 @@ from glsd_cli.engine.checkpoint import (CHECKPOINT_NAME, load_optimizer, load_st
                                         read_checkpoint, remove_stale_temporaries, restore_rng, rng_tensors,
                                         save_tensors, sub_dict)
 from glsd_cli.engine.metrics import MetricsLog, console, progress_bar
-from glsd_cli.engine.monitors import CollapseMonitor, collapse_warning
+from glsd_cli.engine.monitors import collapse_warning
 from glsd_cli.engine.optim import clip_gradients, grad_norms
 from glsd_cli.engine.precision import autocast_dtype
+from glsd_cli.engine.task import ScheduledValues, StepContext, StepOutput, TrainingTask
 from glsd_cli.errors import CheckpointError, DataError, GlsdError
-from glsd_cli.methods.base import StepContext
 
 # With run.on_nonfinite = "skip", this many skipped steps in a row means the run is not recovering.
 MAX_CONSECUTIVE_SKIPS = 10
@@ -83,9 +86,9 @@ class RunTally:
 
 @dataclass
 class Trainer:
-    """Runs `task.training_step` over epochs. `task` is a Method-like nn.Module (see methods/base.py)."""
+    """Runs a `TrainingTask` (engine/task.py) over epochs."""
 
-    task: nn.Module
+    task: TrainingTask
     optimizer: torch.optim.Optimizer
     schedules: dict[str, np.ndarray]
     epochs: int
@@ -111,7 +114,13 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
         self.log = MetricsLog(self.run_dir) if (self.run_dir and dist.is_main_process()) else None
         self.tally = RunTally()
-        self.monitor = CollapseMonitor(self.task)
+        # This epoch's metric sums on the device (float64, keys `_sum_keys`), folded into
+        # `tally.epoch_sums` when a checkpoint is written or the epoch ends.
+        self._sums: torch.Tensor | None = None
+        self._sum_keys: tuple[str, ...] = ()
+        unknown = set(self.schedules) - set(ScheduledValues.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"schedules {sorted(unknown)} are not fields of ScheduledValues")
         self._stop_signal: int | None = None
         self._stop_time = 0.0
         self._stopping = False
@@ -127,6 +136,7 @@ class Trainer:
         if self.run_dir is None:
             return
         rng = rng_tensors()
+        self._fold_sums()
         if not dist.is_main_process():
             return
         tensors = {f"model/{k}": v for k, v in self.task.state_dict().items()}
@@ -157,13 +167,12 @@ class Trainer:
             remove_stale_temporaries(self.checkpoint_path)
 
     # ------------------------------------------------------------------ the loop
-    def _set_schedule(self, step: int) -> dict[str, float]:
-        values = {k: float(v[min(step, len(v) - 1)]) for k, v in self.schedules.items()}
+    def _set_schedule(self, step: int) -> ScheduledValues:
+        values = ScheduledValues(**{k: float(v[min(step, len(v) - 1)]) for k, v in self.schedules.items()})
         for group in self.optimizer.param_groups:
-            if "lr" in values:
-                group["lr"] = values["lr"] * group.get("lr_scale", 1.0)
-            if "weight_decay" in values and not group.get("fixed_weight_decay", False):
-                group["weight_decay"] = values["weight_decay"]
+            group["lr"] = values.lr * group.get("lr_scale", 1.0)
+            if values.weight_decay is not None and not group.get("fixed_weight_decay", False):
+                group["weight_decay"] = values.weight_decay
         return values
 
     def _to_device(self, batch):
@@ -211,18 +220,22 @@ class Trainer:
         for micro_batches in grouped(clear_worker_errors(loader), self.accum_steps):
             step = self.state.global_step
             ctx = StepContext(epoch, step, total, self._set_schedule(step))
-            metrics, step_images = self._step(micro_batches, ctx)
+            metrics, step_images, skipped = self._step(micro_batches, ctx)
             images += step_images
             self.state.step_in_epoch += 1
             self.state.global_step += 1
+            logged = None
             if (self.state.global_step % self.log_every_steps == 0 or self.state.step_in_epoch == self.steps_per_epoch
-                    or "nonfinite_skipped" in metrics):  # a skipped step is always on record
+                    or skipped):  # a skipped step is always on record
                 now = time.perf_counter()
-                metrics["images_per_s"] = images / max(now - t_last, 1e-9)
+                logged = dict(zip(sorted(metrics), self._vector(metrics).tolist())) if metrics else {}
+                if skipped:
+                    logged["nonfinite_skipped"] = 1.0
+                logged["images_per_s"] = images / max(now - t_last, 1e-9)
                 t_last, images = now, 0
                 if self.log:
-                    self.log.step({"epoch": epoch, "step": self.state.global_step, **ctx.values, **metrics})
-            bar.update(metrics, ctx.values, epoch, self.epochs)
+                    self.log.step({"epoch": epoch, "step": self.state.global_step, **ctx.values.logged(), **logged})
+            bar.update(logged, ctx.values, epoch, self.epochs)
             if self.checkpoint_every_steps and self.state.global_step % self.checkpoint_every_steps == 0:
                 self.save_checkpoint()
             if self._stopping:
@@ -230,6 +243,7 @@ class Trainer:
         self._end_epoch(epoch)
 
     def _end_epoch(self, epoch: int) -> None:
+        self._fold_sums()
         t = self.tally
         summary = {k: v / max(t.epoch_steps, 1) for k, v in t.epoch_sums.items()}
         summary.update(skipped_steps=t.epoch_skipped, unreadable_images=t.epoch_unreadable)
@@ -241,10 +255,9 @@ class Trainer:
             devices = [torch.cuda.current_device()] if self.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
                 summary.update(self.epoch_end_hook(epoch))
-        if hasattr(self.task, "epoch_metrics"):
-            summary.update(self.task.epoch_metrics())
+        summary.update(self.task.epoch_metrics())
         if self.log:
-            warning = collapse_warning(summary, self.monitor.num_prototypes, epoch)
+            warning = collapse_warning(summary, self.task.num_prototypes, epoch)
             if warning:  # shown even with --quiet: it may save days of compute
                 console.print(f"[bold yellow]{warning}")
             self.log.epoch({"epoch": epoch, **summary})
@@ -266,70 +279,100 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-    def train_step(self, micro_batches: list, step: int, epoch: int = 0) -> dict[str, float]:
-        """One optimiser step outside `fit` (benchmarks, tests): schedules at `step`, then `_step`."""
+    def train_step(self, micro_batches: list, step: int, epoch: int = 0) -> dict[str, torch.Tensor]:
+        """One optimiser step outside `fit` (benchmarks, tests): schedules at `step`, then `_step`.
+        Returns the step's metrics as device tensors (empty for a skipped step)."""
         ctx = StepContext(epoch, step, self.epochs * self.steps_per_epoch, self._set_schedule(step))
         return self._step(micro_batches, ctx)[0]
 
-    def _step(self, micro_batches: list, ctx: StepContext) -> tuple[dict[str, float], int]:
-        """One optimiser step over its micro-batches; returns its metrics and the images it used."""
+    def _step(self, micro_batches: list, ctx: StepContext) -> tuple[dict[str, torch.Tensor], int, bool]:
+        """One optimiser step over its micro-batches; returns its metrics (device tensors, averaged
+        over micro-batches and processes), the images it used, and whether it was skipped."""
         self.optimizer.zero_grad(set_to_none=True)
-        sums: dict[str, float] = {}
-        finite, unreadable, images = True, 0, 0
+        outputs: list[StepOutput] = []
+        unreadable, images = 0, 0
         for batch in micro_batches:
             if isinstance(batch, dict) and "unreadable" in batch:
-                unreadable += int(batch["unreadable"].sum())
+                unreadable += int(batch["unreadable"].sum())  # a CPU tensor from the loader: no device wait
             images += batch_size(batch)
             with self._autocast():
-                loss, metrics = self.task.training_step(self._to_device(batch), ctx)
+                out = self.task.training_step(self._to_device(batch), ctx)
             # Every process runs every forward and backward, finite or not: losses may hold
             # collectives (all-gathers), and a process leaving early would leave the others waiting.
-            finite = finite and math.isfinite(loss.item())
-            scaled = loss / len(micro_batches)
+            scaled = out.loss / len(micro_batches)
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + v / len(micro_batches)
-        sums.update(self.monitor.step_metrics())
-        metrics, flags = self._reduce(sums, [not finite, self._stop_signal is not None, unreadable, images])
-        nonfinite, self._stopping = flags[0] > 0, flags[1] > 0
-        unreadable, images = int(flags[2]), int(flags[3])
-        self._count_images(unreadable, images)
-        if not nonfinite:
-            dist.average_gradients(self.trainable)  # before unscaling: every rank then agrees on inf/nan
-            if self.scaler is not None:
-                self.scaler.unscale_(self.optimizer)
-            grads, norms = grad_norms(self.trainable)
-            # The scaler handles fp16 overflow itself (it skips the step and lowers the scale).
-            nonfinite = self.scaler is None and not bool(torch.isfinite(norms).all())
-        if nonfinite:
-            return self._nonfinite_step(ctx, metrics), images
+            outputs.append(out)
+        metrics = {k: torch.stack([o.metrics[k].double() for o in outputs]).mean() for k in outputs[0].metrics}
+        loss_ok = torch.stack([torch.isfinite(o.loss.detach()).all() for o in outputs]).all()
+        # Averaged before the check: a non-finite gradient anywhere reaches every process, so all agree.
+        dist.average_gradients(self.trainable)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grads, norms = grad_norms(self.trainable, self.device)
+        # The scaler handles fp16 overflow itself (it skips the step and lowers the scale).
+        grads_ok = torch.isfinite(norms).all() if self.scaler is None else torch.ones((), dtype=torch.bool,
+                                                                                     device=norms.device)
+        flags, metrics = self._agree([~loss_ok, ~grads_ok], [self._stop_signal is not None, unreadable, images],
+                                     metrics)
+        bad_loss, bad_grads, stop, unreadable, images = flags
+        self._stopping = stop > 0
+        self._count_images(int(unreadable), int(images))
+        if bad_loss or bad_grads:
+            self._nonfinite_step(ctx, "loss" if bad_loss else "gradient")
+            return {}, int(images), True
         if self.clip_grad > 0:
             metrics["grad_norm"] = clip_gradients(grads, norms, self.clip_grad)
-        if hasattr(self.task, "frozen_parameters"):
-            for p in self.task.frozen_parameters(ctx):
-                p.grad = None
+        for p in self.task.frozen_parameters(ctx):
+            p.grad = None
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
-        if hasattr(self.task, "after_step"):
-            with torch.no_grad():
-                self.task.after_step(ctx)
-        metrics.update(self.monitor.center_norms())
+        with torch.no_grad():
+            self.task.after_step(ctx, outputs)
         self.tally.consecutive_skips = 0
         self.tally.epoch_steps += 1
-        for k, v in metrics.items():
-            self.tally.epoch_sums[k] = self.tally.epoch_sums.get(k, 0.0) + v
-        return metrics, images
+        self._add_to_sums(metrics)
+        return metrics, int(images), False
 
-    def _reduce(self, metrics: dict[str, float], flags: list[float]) -> tuple[dict[str, float], list[float]]:
-        """Metrics averaged over processes (rank 0 logs global values) and flags summed, in one all-reduce."""
+    def _agree(self, device_flags: list[torch.Tensor], host_flags: list[float],
+               metrics: dict[str, torch.Tensor]) -> tuple[list[float], dict[str, torch.Tensor]]:
+        """Flags summed and metrics averaged over processes in ONE all-reduce of one device vector, of
+        which only the flags come back to the host: the step's one wait for the device."""
         keys = sorted(metrics)
-        vec = torch.tensor([metrics[k] for k in keys] + [float(f) for f in flags], dtype=torch.float64)
-        vec = dist.all_reduce_sum_cpu(vec)
-        world = dist.world_size()
-        return {k: float(vec[i]) / world for i, k in enumerate(keys)}, vec[len(keys):].tolist()
+        parts = [torch.stack(device_flags).double()]
+        if dist.is_distributed():  # alone, the host's own flags need no trip through the device
+            parts.append(torch.tensor(host_flags, dtype=torch.float64).to(self.device, non_blocking=True))
+        vec = torch.cat(parts + ([self._vector(metrics)] if keys else []))
+        if dist.is_distributed():
+            vec = dist.all_reduce_sum(vec)
+            vec[len(device_flags) + len(host_flags):] /= dist.world_size()
+        n_flags = len(device_flags) + (len(host_flags) if dist.is_distributed() else 0)
+        flags = vec[:n_flags].tolist() + ([] if dist.is_distributed() else [float(f) for f in host_flags])
+        averaged = dict(zip(keys, vec[n_flags:].unbind())) if keys else {}
+        return flags, averaged
+
+    @staticmethod
+    def _vector(metrics: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The metrics as one float64 device vector, in sorted key order."""
+        return torch.stack([metrics[k].double() for k in sorted(metrics)])
+
+    def _add_to_sums(self, metrics: dict[str, torch.Tensor]) -> None:
+        keys = tuple(sorted(metrics))
+        if self._sums is not None and keys != self._sum_keys:
+            self._fold_sums()
+        if self._sums is None:  # continue from the host sums, so additions happen in the same order
+            self._sum_keys = keys
+            self._sums = torch.tensor([self.tally.epoch_sums.get(k, 0.0) for k in keys], dtype=torch.float64,
+                                      device=self.device)
+        self._sums += self._vector(metrics)
+
+    def _fold_sums(self) -> None:
+        """Bring the device sums into `tally.epoch_sums` (before a checkpoint and at the epoch's end)."""
+        if self._sums is not None:
+            self.tally.epoch_sums.update(zip(self._sum_keys, self._sums.tolist()))
+            self._sums = None
 
     def _count_images(self, unreadable: int, images: int) -> None:
         t = self.tally
@@ -345,9 +388,8 @@ class Trainer:
                             f"were unreadable (more than run.max_bad_image_fraction = {self.max_bad_fraction:.1%}); "
                             "fix or remove the broken files, or raise that fraction.")
 
-    def _nonfinite_step(self, ctx: StepContext, metrics: dict[str, float]) -> dict[str, float]:
+    def _nonfinite_step(self, ctx: StepContext, what: str) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        what = "loss" if not math.isfinite(metrics.get("loss", 0.0)) else "gradient"
         where = f"at step {ctx.step} (epoch {ctx.epoch})"
         if self.on_nonfinite == "stop":
             kept = f"the last good checkpoint is kept in {self.run_dir}. " if self.run_dir else ""
@@ -362,4 +404,3 @@ class Trainer:
                                 "the run is not recovering. Lower optim.lr or use run.precision=fp32.")
         if self.log:
             console.print(f"[yellow]non-finite {what} {where}: step skipped ({t.skipped_steps} so far)")
-        return {"nonfinite_skipped": 1.0}

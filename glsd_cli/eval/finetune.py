@@ -35,6 +35,7 @@ from glsd_cli.data.base import ImageSource
 from glsd_cli.data.loader import EpochSampler, EvalDataset, make_loader
 from glsd_cli.data.multicrop import EvalTransform
 from glsd_cli.engine.checkpoint import CHECKPOINT_NAME, load_state_strict, read_checkpoint, save_tensors
+from glsd_cli.engine.optim import adamw
 from glsd_cli.engine.schedules import cosine_schedule
 from glsd_cli.engine.precision import pick_device
 from glsd_cli.engine.trainer import Trainer
@@ -43,7 +44,7 @@ from glsd_cli.eval.loading import load_pretrained, loader_workers
 from glsd_cli.eval.report import pct, print_table, write_results
 from glsd_cli.eval.splits import open_eval_splits
 from glsd_cli.eval.train_data import AugmentedImages
-from glsd_cli.methods.base import StepContext
+from glsd_cli.engine.task import StepContext, StepOutput, TrainingTask
 from glsd_cli.models.backbone import create_timm_model
 
 HEAD_INIT_STD = 2e-5   # MAE main_finetune.py: trunc_normal_(model.head.weight, std=2e-5)
@@ -119,7 +120,7 @@ def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float
                                     layer_decay=layer_decay)
 
 
-class FinetuneTask(nn.Module):
+class FinetuneTask(TrainingTask):
     """The Trainer's task: mixup/cutmix (seeded per step) → classifier → soft-target cross-entropy."""
 
     def __init__(self, model: nn.Module, num_classes: int, opts: FinetuneOptions):
@@ -145,11 +146,11 @@ class FinetuneTask(nn.Module):
         finally:
             np.random.set_state(saved)
 
-    def training_step(self, batch: dict, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
+    def training_step(self, batch: dict, ctx: StepContext) -> StepOutput:
         images, targets = self.mix(batch["image"], batch["label"], ctx.step)
         logits = self.model(images)
         loss = self.soft_loss(logits, targets) if targets.dim() == 2 else self.hard_loss(logits, targets)
-        return loss, {"loss": float(loss.detach())}
+        return StepOutput(loss, {"loss": loss.detach()})
 
 
 @torch.no_grad()
@@ -203,8 +204,7 @@ def run_finetune(checkpoint: Path, opts: FinetuneOptions) -> dict:
     del method  # the pre-trained networks are not needed any more
     model.to(device)
     task = FinetuneTask(model, splits.num_classes, opts).to(device)
-    optimizer = torch.optim.AdamW(layer_decay_groups(model, opts.weight_decay, opts.layer_decay), lr=0.0,
-                                  betas=ADAMW_BETAS)
+    optimizer = adamw(layer_decay_groups(model, opts.weight_decay, opts.layer_decay), betas=ADAMW_BETAS)
     size = cfg.data.global_crop_size
     workers = loader_workers(opts.num_workers, cfg)
     dataset = AugmentedImages(splits.train, size, opts.seed, interpolation=InterpolationMode.BICUBIC,

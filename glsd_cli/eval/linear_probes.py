@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glsd_cli.eval.features import FeatureRequest
-from glsd_cli.methods.base import StepContext
+from glsd_cli.engine.task import StepContext, StepOutput, TrainingTask
 from glsd_cli.models.backbone import Backbone
 
 INIT_STD = 0.01  # DINO eval_linear.py LinearClassifier: weight ~ N(0, 0.01²), bias 0
@@ -65,7 +65,7 @@ class LinearProbes(nn.Module):
                  "weight_decay": 0.0} for r in range(len(self.dims)) for g, lr in enumerate(self.lrs)]
 
 
-class ProbeTask(nn.Module):
+class ProbeTask(TrainingTask):
     """What the Trainer trains: the probes, fed cached features or a frozen backbone's features of images."""
 
     def __init__(self, probes: LinearProbes, representations: list[Representation],
@@ -79,7 +79,7 @@ class ProbeTask(nn.Module):
         # out of eval mode.
         object.__setattr__(self, "frozen_backbone", backbone)
 
-    def training_step(self, batch: dict, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
+    def training_step(self, batch: dict, ctx: StepContext) -> StepOutput:
         if self.frozen_backbone is not None:
             with torch.no_grad():
                 feats = self.request.compute(self.frozen_backbone, batch["image"])
@@ -88,7 +88,7 @@ class ProbeTask(nn.Module):
             inputs = batch["features"]
         logits = self.probes(inputs)
         loss = torch.stack([F.cross_entropy(z, batch["label"]) for z in logits]).sum()
-        return loss, {"loss": float(loss.detach()) / len(logits)}
+        return StepOutput(loss, {"loss": loss.detach() / len(logits)})
 
 
 @torch.no_grad()

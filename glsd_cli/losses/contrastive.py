@@ -191,7 +191,7 @@ class LayerwiseContrastiveLoss(nn.Module):
         return table[layer]
 
     def forward(self, student_out: LayerwiseOutputs, teacher_out: TeacherOutputs | None,
-                sd_weight: float) -> tuple[Tensor, dict[str, float]]:
+                sd_weight: float) -> tuple[Tensor, dict[str, Tensor]]:
         """Compute the total loss.
 
         Args:
@@ -203,9 +203,9 @@ class LayerwiseContrastiveLoss(nn.Module):
             sd_weight: lambda(t), already ramped by the caller.
 
         Returns:
-            (loss, stats) with float stats: ``loss``, ``loss_final``, ``loss_layers`` (mean over
-            distilled layers), ``loss_layer{l}`` per distilled layer, ``loss_pred_only``, ``sd_weight``.
-            Stats are this rank's values.
+            (loss, stats) with detached 0-d tensor stats: ``loss``, ``loss_final``, ``loss_layers`` (mean
+            over distilled layers), ``loss_layer{l}`` per distilled layer, ``loss_pred_only``. Stats are
+            this rank's values.
         """
         fl = student_out.final_layer
         simclr = self.method == "simclr"
@@ -243,12 +243,10 @@ class LayerwiseContrastiveLoss(nn.Module):
                 logged["loss_pred_only"] = pred_only
         logged["loss"] = loss
 
-        # One host sync for all the logged scalars.
-        values = torch.stack([t.detach().float() for t in logged.values()]).tolist()
-        stats = dict(zip(logged.keys(), values))
-        stats.setdefault("loss_layers", 0.0)
-        stats.setdefault("loss_pred_only", 0.0)
-        stats["sd_weight"] = float(sd_weight)
+        # Detached device tensors: read when a log line is written, not here.
+        stats = {k: t.detach().float() for k, t in logged.items()}
+        stats.setdefault("loss_layers", loss.new_zeros((), dtype=torch.float32))
+        stats.setdefault("loss_pred_only", loss.new_zeros((), dtype=torch.float32))
         return loss, stats
 
 

@@ -44,6 +44,11 @@ def sinkhorn_knopp(logits: torch.Tensor, temp: float, iterations: int = 3) -> to
 
 
 class DINOLoss(nn.Module):
+    """DINO's cross-entropy between the student's views and the teacher's targets, and the centre
+    those targets are made with. The method computes the targets once per step (`teacher_targets`)
+    and hands the same ones to this loss, to SD's layer terms and to its collapse statistics
+    (DINOv2's shape: `ssl_meta_arch.py` computes them once and passes them to every loss)."""
+
     def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
                  centering: str = "ema", sinkhorn_iterations: int = 3):
         super().__init__()
@@ -55,7 +60,6 @@ class DINOLoss(nn.Module):
         self.sinkhorn_iterations = sinkhorn_iterations
         # With centering = "sinkhorn" the centre is unused: kept (zero) so checkpoints have one layout.
         self.register_buffer("center", torch.zeros(1, out_dim))
-        self._sinkhorn_memo: tuple | None = None  # (key, targets, the logits they came from)
 
     @torch.no_grad()
     def teacher_targets(self, teacher_logits: list[torch.Tensor], teacher_temp: float) -> list[torch.Tensor]:
@@ -63,33 +67,14 @@ class DINOLoss(nn.Module):
         Sinkhorn-Knopp normalised over all views of the batch together (DINOv2)."""
         if self.centering == "ema":
             return [teacher_probabilities(t, self.center, teacher_temp) for t in teacher_logits]
-        # The loss, the collapse monitor and SD's layer targets all ask for this step's targets:
-        # Sinkhorn-Knopp (and its all-reduces) runs once per step. The memo holds the last targets, so
-        # equal storage pointers and versions mean the same, unmodified logits.
-        if any(t.is_inference() for t in teacher_logits):  # no version counter to key on: no memo
-            return self._sinkhorn_targets(teacher_logits, teacher_temp)
-        key = (teacher_temp, *((t.data_ptr(), t.shape, t._version) for t in teacher_logits))
-        if self._sinkhorn_memo is None or self._sinkhorn_memo[0] != key:
-            self._sinkhorn_memo = (key, self._sinkhorn_targets(teacher_logits, teacher_temp), teacher_logits)
-        return self._sinkhorn_memo[1]
-
-    def _sinkhorn_targets(self, teacher_logits: list[torch.Tensor], teacher_temp: float) -> list[torch.Tensor]:
         q = sinkhorn_knopp(torch.cat(teacher_logits), teacher_temp, self.sinkhorn_iterations)
         return list(q.split([len(t) for t in teacher_logits]))
 
-    def forward(self, student_logits: list[torch.Tensor], teacher_logits: list[torch.Tensor],
-                teacher_temp: float) -> torch.Tensor:
-        """student_logits: one (B, K) per view (globals first); teacher_logits: one per global view."""
-        log_p = [F.log_softmax(s.float() / self.student_temp, dim=-1) for s in student_logits]
-        targets = self.teacher_targets(teacher_logits, teacher_temp)
-        total, pairs = 0.0, 0
-        for t, target in enumerate(targets):
-            for s, lp in enumerate(log_p):
-                if s == t:  # the same view is not its own target (DINO)
-                    continue
-                total = total + torch.sum(-target * lp, dim=-1).mean()
-                pairs += 1
-        return total / pairs
+    def forward(self, student_logits: list[torch.Tensor], teacher_targets: list[torch.Tensor]) -> torch.Tensor:
+        """student_logits: one (B, K) per view (globals first); teacher_targets: one distribution (B, K)
+        per global view, from `teacher_targets`."""
+        return dino_cross_entropy([F.log_softmax(s.float() / self.student_temp, dim=-1) for s in student_logits],
+                                  teacher_targets)
 
     @torch.no_grad()
     def update_center(self, teacher_logits: list[torch.Tensor]) -> None:
@@ -98,3 +83,19 @@ class DINOLoss(nn.Module):
         batch_mean = torch.cat(teacher_logits).float().mean(0, keepdim=True)
         batch_mean = all_reduce_mean(batch_mean)
         self.center.mul_(self.center_momentum).add_(batch_mean * (1 - self.center_momentum))
+
+
+def dino_cross_entropy(student_log_probs: list[torch.Tensor], teacher_targets: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over the pairs (teacher view t, student view s != t) of the batch-mean cross-entropy
+    -sum_k P_t log p_s; the first len(teacher_targets) student views are the same views as the teacher's
+    (DINO: the same view is not its own target). Shared by the global loss and SD's layer terms."""
+    total, pairs = 0.0, 0
+    for t, target in enumerate(teacher_targets):
+        for s, log_p in enumerate(student_log_probs):
+            if s == t:
+                continue
+            total = total + torch.sum(-target * log_p, dim=-1).mean()
+            pairs += 1
+    if pairs == 0:
+        raise ValueError("no (teacher, student) pair: need a student view other than the teacher's")
+    return total / pairs

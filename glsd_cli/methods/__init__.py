@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from glsd_cli.config import Config
-from glsd_cli.methods.base import Method, StepContext
+from glsd_cli.engine.task import StepContext, StepOutput
+from glsd_cli.methods.base import Method
 
 
 def build_method(cfg: Config) -> Method:
@@ -15,4 +16,4 @@ def build_method(cfg: Config) -> Method:
     return build_sdssl(cfg)
 
 
-__all__ = ["Method", "StepContext", "build_method"]
+__all__ = ["Method", "StepContext", "StepOutput", "build_method"]

@@ -1,30 +1,20 @@
 """What every pre-training method shares: a student, an EMA teacher and a loss (solo-learn's shape).
 
-A Method declares its modules; the engine owns the loop, the optimiser and the schedules, and calls
-`training_step(batch, ctx)` then `after_step(ctx)` (EMA, centres) once per iteration.
+A Method is a `TrainingTask` (engine/task.py): it declares its modules and implements
+`training_step(batch, ctx) -> StepOutput`; the engine owns the loop, the optimiser and the schedules,
+and calls `after_step(ctx, outputs)` (EMA of the teacher, centres) after each optimiser step.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from glsd_cli.config import Config
+from glsd_cli.engine.task import StepContext, StepOutput, TrainingTask
 from glsd_cli.models.backbone import Backbone
 
 
-@dataclass
-class StepContext:
-    """Where training is and the scheduled values for this iteration."""
-
-    epoch: int
-    step: int                 # global iteration, 0-based
-    total_steps: int
-    values: dict[str, float] = field(default_factory=dict)  # lr, weight_decay, momentum, teacher_temp, ...
-
-
-class Method(nn.Module):
+class Method(TrainingTask):
     """Base class. Subclasses build `self.student` and `self.teacher` (nn.ModuleDict with a 'backbone')."""
 
     student: nn.ModuleDict
@@ -34,32 +24,23 @@ class Method(nn.Module):
         super().__init__()
         self.cfg = cfg
 
-    # -- training
-    def training_step(self, batch: dict, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
-        raise NotImplementedError
-
-    def after_step(self, ctx: StepContext) -> None:
-        """Called after the optimiser step: EMA of the teacher by default."""
-        self.update_teacher(ctx.values.get("momentum", 0.996))
+    def after_step(self, ctx: StepContext, outputs: list[StepOutput]) -> None:
+        """After the optimiser step: EMA of the teacher."""
+        self.update_teacher(ctx.values.momentum)
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
-        """θ_t ← m·θ_t + (1 − m)·θ_s over every parameter the teacher shares with the student."""
-        student = dict(self.student.named_parameters())
+        """θ_t ← m·θ_t + (1 − m)·θ_s over the student's TRAINABLE parameters that the teacher shares:
+        frozen ones (DINO's fixed prototype norm, MoCo v3's random patch embedding) stay bit-identical
+        in the teacher instead of drifting by rounding."""
+        student = {name: p for name, p in self.student.named_parameters() if p.requires_grad}
         pairs = [(student[name], p_t) for name, p_t in self.teacher.named_parameters() if name in student]
         t_params = [t for _, t in pairs]
         torch._foreach_mul_(t_params, momentum)
         torch._foreach_add_(t_params, [s.detach() for s, _ in pairs], alpha=1 - momentum)
 
-    def frozen_parameters(self, ctx: StepContext) -> list[nn.Parameter]:
-        """Parameters whose gradients are dropped this step (e.g. DINO's prototype layer in epoch 0)."""
-        return []
-
     def schedules(self, epochs: int, steps_per_epoch: int) -> dict:
         """Extra per-iteration schedules this method needs (beyond lr, weight decay and momentum)."""
-        return {}
-
-    def epoch_metrics(self) -> dict[str, float]:
         return {}
 
     # -- evaluation

@@ -6,65 +6,87 @@
 - "similarity": EsViT's region loss (Li et al. 2022) — tokens paired by feature similarity.
 L = (1 − w)·L_global + w·L_local (ALGORITHMS.md §3).
 `method.sd.enabled` adds SDSSL's layer terms: L + λ(t)·mean_l L_l (methods/layerwise.py).
+
+One step, top to bottom (`training_step`): the teacher sees the global views and its targets are made
+once; the student sees every view, one backbone pass per resolution; the global loss, the local loss
+(tokens paired by glsd_cli/matching.py), SD's layer terms and KoLeo are added; the step's statistics
+(losses, the teacher's collapse statistics, centre norms) stay on the device. `after_step` then moves
+the centres from this step's teacher outputs and the teacher by EMA.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from glsd_cli.config import Config
+from glsd_cli.data.multicrop import NUM_GLOBAL_VIEWS
+from glsd_cli.engine.monitors import collapse_stats
 from glsd_cli.engine.schedules import teacher_temp_schedule
+from glsd_cli.engine.task import StepContext, StepOutput
 from glsd_cli.errors import ConfigError
 from glsd_cli.losses.dino import DINOLoss
 from glsd_cli.losses.koleo import koleo_loss
-from glsd_cli.methods.base import Method, StepContext, copy_as_teacher
+from glsd_cli.losses.local import LocalDistillationLoss
+from glsd_cli.matching import geometric_matches, similarity_matches
+from glsd_cli.methods.base import Method, copy_as_teacher
 from glsd_cli.methods.layerwise import DinoLayerDistillation, sd_weight_schedule
 from glsd_cli.models.backbone import Backbone, TokenOutput
 from glsd_cli.models.heads import DINOHead
 
-NUM_GLOBAL = 2
+G = NUM_GLOBAL_VIEWS
 
 
-def _as_int(value, name: str) -> int:
-    if not isinstance(value, int):
-        raise ValueError(f"{name} must be resolved to an integer before building the model (got {value!r})")
-    return value
+@dataclass
+class TeacherOutputs:
+    """What `after_step` needs from one micro-batch: the inputs of the centre updates."""
+
+    logits: list[Tensor]       # global head, one (B, K) per global view
+    dense: Tensor | None       # dense bottleneck of the global views' patch tokens (B, G·Nt, d)
+
+
+def image_major(tokens: Tensor, views: int) -> Tensor:
+    """(views·B, N, D) stacked view after view → (B, views·N, D): each image's tokens together,
+    view after view (the layout of glsd_cli/matching.TokenMatches)."""
+    vb, n, d = tokens.shape
+    return tokens.view(views, vb // views, n, d).transpose(0, 1).reshape(vb // views, views * n, d)
 
 
 class GlobalLocalDistillation(Method):
     def __init__(self, cfg: Config):
         super().__init__(cfg)
-        h, loc = cfg.head, cfg.method.local
+        h, loc, lc = cfg.head, cfg.method.local, cfg.method.loss
+        if "auto" in (h.out_dim, loc.out_dim, lc.teacher_temp):
+            raise ValueError("the config still holds 'auto' values: resolve them for the data first")
         self.local_on = loc.matching != "none"
+        self.num_prototypes = h.out_dim
 
         def modules(drop_path: float) -> nn.ModuleDict:
             backbone = Backbone(cfg.model, cfg.data.global_crop_size, drop_path)
             mods = {"backbone": backbone,
-                    "head": DINOHead(backbone.embed_dim, _as_int(h.out_dim, "head.out_dim"), h.hidden_dim,
-                                     h.bottleneck_dim, h.num_layers, h.norm_last_layer)}
+                    "head": DINOHead(backbone.embed_dim, h.out_dim, h.hidden_dim, h.bottleneck_dim, h.num_layers,
+                                     h.norm_last_layer)}
             if self.local_on:
-                mods["dense_head"] = DINOHead(backbone.embed_dim, _as_int(loc.out_dim, "method.local.out_dim"),
-                                              h.hidden_dim, h.bottleneck_dim, h.num_layers, h.norm_last_layer)
+                mods["dense_head"] = DINOHead(backbone.embed_dim, loc.out_dim, h.hidden_dim, h.bottleneck_dim,
+                                              h.num_layers, h.norm_last_layer)
             return nn.ModuleDict(mods)
 
         self.student = modules(cfg.model.drop_path_rate)
         self.teacher = copy_as_teacher(self.student, modules(0.0))
-        # -- SD on DINO/GLSD (methods/layerwise.py): per-layer heads in the student only, added after
-        # the teacher copy, so the teacher (targets: final layer only) has none.
+        # SD on DINO/GLSD (methods/layerwise.py): per-layer heads in the student only, added after the
+        # teacher copy, so the teacher (targets: final layer only) has none.
         self.sd_on = cfg.method.sd.enabled
         if self.sd_on:
             backbone = self.student["backbone"]
             self.student["sd"] = DinoLayerDistillation(cfg, backbone.embed_dim, backbone.num_blocks)
-        # -- end SD
-        lc = cfg.method.loss
-        self.dino_loss = DINOLoss(_as_int(h.out_dim, "head.out_dim"), lc.student_temp, lc.center_momentum,
-                                  lc.centering, lc.sinkhorn_iterations)
+        self.dino_loss = DINOLoss(h.out_dim, lc.student_temp, lc.center_momentum, lc.centering,
+                                  lc.sinkhorn_iterations)
         if self.local_on:
-            from glsd_cli.losses.local import LocalDistillationLoss
-
-            self.local_loss = LocalDistillationLoss(loc.out_dim, lc.student_temp, lc.center_momentum,
-                                                    chunk_tokens=None if loc.chunk_tokens == "auto" else loc.chunk_tokens,
-                                                    recompute_above_mib=loc.recompute_above_mib)
+            self.local_loss = LocalDistillationLoss(
+                loc.out_dim, lc.student_temp, lc.center_momentum,
+                chunk_tokens=None if loc.chunk_tokens == "auto" else loc.chunk_tokens,
+                recompute_above_mib=None if loc.recompute_above_mib == "auto" else loc.recompute_above_mib)
 
     # ------------------------------------------------------------------ schedules and freezing
     def schedules(self, epochs: int, steps_per_epoch: int) -> dict:
@@ -82,95 +104,80 @@ class GlobalLocalDistillation(Method):
         return params
 
     # ------------------------------------------------------------------ the step
-    def _student_forward(self, views: list[torch.Tensor]) -> list[TokenOutput]:
-        """One backbone forward per resolution (globals together, locals together), split per view."""
-        outs: list[TokenOutput] = []
-        groups = [views[:NUM_GLOBAL], views[NUM_GLOBAL:]]
-        backbone = self.student["backbone"]
-        for i, group in enumerate(groups):
-            if not group:
-                continue
-            n = len(group)
-            if self.sd_on and i == 0:  # SD: the globals' per-layer CLS from the same pass
-                tok = backbone.forward_layers(torch.cat(group), self.student["sd"].layers)
-                layer_cls = [list(c.chunk(n)) for c in tok.layer_cls]
-            else:
-                tok, layer_cls = backbone.forward_tokens(torch.cat(group)), None
-            for v, (cls, patches) in enumerate(zip(tok.cls.chunk(n), tok.patches.chunk(n))):
-                outs.append(TokenOutput(cls, patches, tok.grid, layer_cls and [c[v] for c in layer_cls]))
-        return outs
-
-    def training_step(self, batch: dict, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
-        views: list[torch.Tensor] = batch["views"]
-        temp = ctx.values["teacher_temp"]
+    def training_step(self, batch: dict, ctx: StepContext) -> StepOutput:
+        views: list[Tensor] = batch["views"]
+        temp = ctx.values.teacher_temp
+        # The teacher sees the global views; its targets are made once, for every loss and statistic.
         with torch.no_grad():
-            t_tok = self.teacher["backbone"].forward_tokens(torch.cat(views[:NUM_GLOBAL]))
-            t_logits = list(self.teacher["head"](t_tok.cls).chunk(NUM_GLOBAL))
-        s_out = self._student_forward(views)
-        s_logits = list(self.student["head"](torch.cat([o.cls for o in s_out])).split([len(v) for v in views]))
-        loss_global = self.dino_loss(s_logits, t_logits, temp)
-        metrics = {"loss_global": loss_global.item()}
-        loss = loss_global
+            t_tok = self.teacher["backbone"].forward_tokens(torch.cat(views[:G]))
+            t_logits = list(self.teacher["head"](t_tok.cls).chunk(G))
+            targets = self.dino_loss.teacher_targets(t_logits, temp)
+        # The student sees every view: one backbone pass per resolution (globals, then locals).
+        groups = self._student_forward(views)
+        s_logits = self.student["head"](torch.cat([tok.cls for tok, _ in groups])).chunk(len(views))
+        loss_global = self.dino_loss(list(s_logits), targets)
+        loss, metrics = loss_global, {"loss_global": loss_global.detach(), **collapse_stats(torch.cat(targets))}
+        if self.dino_loss.centering == "ema":
+            metrics["center_norm"] = self.dino_loss.center.norm()
+        t_dense = None
         if self.local_on:
-            loss_local, local_stats, t_z = self._local_term(batch, s_out, t_tok, temp)
+            loss_local, kept, t_dense = self._local_term(batch, groups, t_tok, temp)
             w = self.cfg.method.local.weight
             loss = (1 - w) * loss_global + w * loss_local
-            metrics["loss_local"] = loss_local.item()
-            metrics.update(local_stats)
-        if self.sd_on:  # SD on DINO/GLSD: L + λ(t)·mean_l L_l, targets the teacher's final P_t
-            probs = self.dino_loss.teacher_targets(t_logits, temp)
-            loss_sd, sd_stats = self.student["sd"]([o.layer_cls for o in s_out[:NUM_GLOBAL]],
-                                                   self.student["head"].last_layer, probs)
-            loss = loss + ctx.values["sd_weight"] * loss_sd
-            metrics.update(sd_stats, sd_weight=ctx.values["sd_weight"])
+            metrics.update(loss_local=loss_local.detach(), local_valid_fraction=kept,
+                           center_norm_local_loss=self.local_loss.center.norm())
+        if self.sd_on:  # SD on DINO/GLSD: L + λ(t)·mean_l L_l toward the same targets
+            global_tok = groups[0][0]
+            layer_cls = [[c.chunk(G)[v] for c in global_tok.layer_cls] for v in range(G)]
+            loss_sd, sd_stats = self.student["sd"](layer_cls, self.student["head"].last_layer, targets)
+            loss = loss + ctx.values.sd_weight * loss_sd
+            metrics.update(sd_stats)
         koleo_weight = self.cfg.method.loss.koleo_weight
         if koleo_weight > 0:  # DINOv2: the sum over the global views of KoLeo on the student's CLS tokens
             if len(views[0]) < 2:
                 raise ConfigError("method.loss.koleo_weight > 0 needs at least 2 images per process and "
                                   f"micro-batch (nearest neighbours); this step has {len(views[0])}")
-            loss_koleo = sum(koleo_loss(o.cls) for o in s_out[:NUM_GLOBAL])
+            loss_koleo = sum(koleo_loss(c) for c in groups[0][0].cls.chunk(G))
             loss = loss + koleo_weight * loss_koleo
-            metrics["loss_koleo"] = loss_koleo.item()
-        # Centres move after the loss, from this step's teacher outputs (DINO's order). With gradient
-        # accumulation a step has several micro-batches: the centre moves once, from all of them.
-        if getattr(self, "_pending_step", None) != ctx.step:  # also drops a skipped step's outputs
-            self._pending_step, self._pending_center = ctx.step, []
-        self._pending_center.append((t_logits, t_z if self.local_on else None))
-        metrics["loss"] = loss.item()
-        return loss, metrics
+            metrics["loss_koleo"] = loss_koleo.detach()
+        metrics["loss"] = loss.detach()
+        return StepOutput(loss, metrics, TeacherOutputs(t_logits, t_dense))
 
-    def _local_term(self, batch: dict, s_out: list[TokenOutput], t_tok: TokenOutput, temp: float):
-        from glsd_cli.geometry import match_geometric
-        from glsd_cli.losses.local import match_similarity
+    def _student_forward(self, views: list[Tensor]) -> list[tuple[TokenOutput, int]]:
+        """(tokens, number of views) per resolution group: the globals, then the locals if any; SD takes
+        the globals' per-layer CLS from the same pass."""
+        backbone = self.student["backbone"]
+        groups = [(views[:G], self.sd_on), (views[G:], False)]
+        return [(backbone.forward_layers(torch.cat(group), self.student["sd"].layers) if per_layer
+                 else backbone.forward_tokens(torch.cat(group)), len(group))
+                for group, per_layer in groups if group]
 
-        loc = self.cfg.method.local
+    def _local_term(self, batch: dict, groups: list[tuple[TokenOutput, int]], t_tok: TokenOutput,
+                    temp: float) -> tuple[Tensor, Tensor, Tensor]:
+        """The local loss over every (teacher global view, other student view) pair; its kept-token
+        fraction; and the teacher's dense bottleneck (for the centre)."""
         dense_s, dense_t = self.student["dense_head"], self.teacher["dense_head"]
-        # Patch tokens of each resolution go through the dense bottleneck in one call.
-        s_z: list[torch.Tensor] = []
-        for group in (s_out[:NUM_GLOBAL], s_out[NUM_GLOBAL:]):
-            if group:
-                z = dense_s.forward_bottleneck(torch.cat([o.patches for o in group]))
-                s_z += list(z.chunk(len(group)))
+        s_z = torch.cat([image_major(dense_s.forward_bottleneck(tok.patches), n) for tok, n in groups], 1)
         with torch.no_grad():
-            t_patches = list(t_tok.patches.chunk(NUM_GLOBAL))
-            t_z = list(dense_t.forward_bottleneck(t_tok.patches).chunk(NUM_GLOBAL))
-        boxes, flips = batch["boxes"], batch["flips"]
-        matches = {}
-        for t in range(NUM_GLOBAL):
-            for s in range(len(s_out)):
-                if s == t:
-                    continue
-                if loc.matching == "geometric":
-                    matches[(t, s)] = match_geometric(boxes[:, s], flips[:, s], s_out[s].grid,
-                                                      boxes[:, t], flips[:, t], t_tok.grid, hinge=loc.hinge)
-                else:
-                    matches[(t, s)] = (match_similarity(s_out[s].patches.detach(), t_patches[t]), None)
-        loss, stats = self.local_loss(s_z, t_z, dense_s.last_layer, dense_t.last_layer, matches, temp)
-        return loss, stats, t_z
+            t_z = image_major(dense_t.forward_bottleneck(t_tok.patches), G)
+            loc = self.cfg.method.local
+            if loc.matching == "geometric":
+                grids = [tok.grid for tok, n in groups for _ in range(n)]
+                matches = geometric_matches(batch["boxes"], batch["flips"], grids, G, hinge=loc.hinge)
+            else:
+                s_patches = torch.cat([image_major(tok.patches.detach(), n) for tok, n in groups], 1)
+                sizes = [tok.patches.shape[1] for tok, n in groups for _ in range(n)]
+                matches = similarity_matches(s_patches, image_major(t_tok.patches, G), sizes, G)
+        loss, kept = self.local_loss(s_z, t_z, dense_s.last_layer, dense_t.last_layer, matches, temp)
+        return loss, kept, t_z
 
-    def after_step(self, ctx: StepContext) -> None:
-        pending, self._pending_center = self._pending_center, []
-        self.dino_loss.update_center([t for t_logits, _ in pending for t in t_logits])
+    def after_step(self, ctx: StepContext, outputs: list[StepOutput]) -> None:
+        """Centres move after the optimiser step, from the teacher outputs of all the step's
+        micro-batches (DINO's order; with gradient accumulation they move once per step), then the
+        teacher's EMA."""
+        teachers: list[TeacherOutputs] = [o.teacher for o in outputs]
+        self.dino_loss.update_center([t for out in teachers for t in out.logits])
         if self.local_on:
-            self.local_loss.update_center([z for _, t_z in pending for z in t_z], self.teacher["dense_head"].last_layer)
-        super().after_step(ctx)
+            self.local_loss.update_center(torch.cat([out.dense for out in teachers]),
+                                          self.teacher["dense_head"].last_layer)
+        super().after_step(ctx, outputs)

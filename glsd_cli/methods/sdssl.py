@@ -31,7 +31,8 @@ from glsd_cli.config import Config
 from glsd_cli.data.multicrop import MultiCrop
 from glsd_cli.errors import ConfigError
 from glsd_cli.losses.contrastive import LayerwiseContrastiveLoss
-from glsd_cli.methods.base import Method, StepContext
+from glsd_cli.engine.task import StepContext, StepOutput
+from glsd_cli.methods.base import Method
 from glsd_cli.methods.layerwise import resolve_distilled_layers, sd_weight_schedule
 from glsd_cli.models.backbone import Backbone
 from glsd_cli.models.mocov3_vit import freeze_random_patch_embed, use_sincos_pos_embed
@@ -99,19 +100,9 @@ class SelfDistilledSSL(Method):
     def schedules(self, epochs: int, steps_per_epoch: int) -> dict:
         return sd_weight_schedule(self.cfg.method.sd, epochs, steps_per_epoch)
 
-    def after_step(self, ctx: StepContext) -> None:
-        if self.has_teacher:
-            self.update_teacher(ctx.values.get("momentum", 0.996))
-
-    @torch.no_grad()
-    def update_teacher(self, momentum: float) -> None:
-        """EMA over the student's TRAINABLE parameters only: frozen ones (MoCo v3's patch embedding,
-        sin-cos table) stay bit-identical in the teacher instead of drifting by rounding."""
-        student = {n: p for n, p in self.student.named_parameters() if p.requires_grad}
-        pairs = [(student[n], p_t) for n, p_t in self.teacher.named_parameters() if n in student]
-        t_params = [t for _, t in pairs]
-        torch._foreach_mul_(t_params, momentum)
-        torch._foreach_add_(t_params, [s.detach() for s, _ in pairs], alpha=1 - momentum)
+    def after_step(self, ctx: StepContext, outputs: list[StepOutput]) -> None:
+        if self.has_teacher:  # SimCLR has no teacher to move
+            super().after_step(ctx, outputs)
 
     def backbone(self, which: str = "teacher") -> Backbone:
         if which == "teacher" and not self.has_teacher:
@@ -129,7 +120,7 @@ class SelfDistilledSSL(Method):
         feats[final] = out.cls
         return feats
 
-    def training_step(self, batch: dict, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
+    def training_step(self, batch: dict, ctx: StepContext) -> StepOutput:
         views = batch["views"][:NUM_VIEWS]
         b = views[0].shape[0]
         x = torch.cat(views)
@@ -143,8 +134,8 @@ class SelfDistilledSSL(Method):
                 final = s_out.final_layer
                 t_out = self.teacher["heads"]([{final: c} for c in t_cls.chunk(NUM_VIEWS)],
                                               final_only=True, predict=False)
-        sd_weight = ctx.values.get("sd_weight", 0.0)
-        return self.loss(s_out, t_out, sd_weight)
+        loss, stats = self.loss(s_out, t_out, ctx.values.sd_weight)
+        return StepOutput(loss, stats)
 
 
 def build_sdssl(cfg: Config) -> Method:

@@ -19,19 +19,28 @@ def _init_linear(m: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+def dino_mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int) -> nn.Module:
+    """DINOHead's MLP: Linear layers with biases and GELU between them (one Linear when num_layers is
+    1), truncated-normal init (std 0.02) and zero biases, as DINO's `vision_transformer.DINOHead`."""
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    if num_layers == 1:
+        mlp: nn.Module = nn.Linear(in_dim, out_dim)
+    else:
+        layers: list[nn.Module] = [nn.Linear(in_dim, hidden_dim), nn.GELU()]
+        for _ in range(num_layers - 2):
+            layers += [nn.Linear(hidden_dim, hidden_dim), nn.GELU()]
+        layers.append(nn.Linear(hidden_dim, out_dim))
+        mlp = nn.Sequential(*layers)
+    mlp.apply(_init_linear)
+    return mlp
+
+
 class DINOHead(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
                  num_layers: int = 3, norm_last_layer: bool = True):
         super().__init__()
-        if num_layers == 1:
-            self.mlp: nn.Module = nn.Linear(in_dim, bottleneck_dim)
-        else:
-            layers: list[nn.Module] = [nn.Linear(in_dim, hidden_dim), nn.GELU()]
-            for _ in range(num_layers - 2):
-                layers += [nn.Linear(hidden_dim, hidden_dim), nn.GELU()]
-            layers.append(nn.Linear(hidden_dim, bottleneck_dim))
-            self.mlp = nn.Sequential(*layers)
-        self.apply(_init_linear)
+        self.mlp = dino_mlp(in_dim, hidden_dim, bottleneck_dim, num_layers)
         self.last_layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
         gain = self.last_layer.parametrizations.weight.original0
         with torch.no_grad():

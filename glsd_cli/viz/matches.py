@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 
 from glsd_cli.data.multicrop import MultiCrop, sample_generator
 from glsd_cli.geometry import match_geometric
-from glsd_cli.losses.local import match_similarity
+from glsd_cli.matching import match_similarity
 from glsd_cli.viz.drawing import BACKGROUND, TEXT, font, hue
 
 PANEL = 320    # each view is drawn PANEL x PANEL px, whatever its size (local views are smaller)
