@@ -37,7 +37,7 @@ from train_precision import batches  # noqa: E402  (pre-built multi-crop batches
 
 from glsd_cli.engine.optim import adamw, param_groups  # noqa: E402
 from glsd_cli.engine.precision import autocast_dtype, cpu_supports_bf16  # noqa: E402
-from glsd_cli.engine.pretrain import build_schedules  # noqa: E402
+from glsd_cli.engine.pretrain import _compile_backbones, build_schedules  # noqa: E402
 from glsd_cli.engine.trainer import Trainer  # noqa: E402
 from glsd_cli.methods import build_method  # noqa: E402
 from glsd_cli.data.multicrop import NUM_GLOBAL_VIEWS as NUM_GLOBAL  # noqa: E402
@@ -125,14 +125,33 @@ def part_flops(method, views: list[torch.Tensor], local_on: bool) -> dict[str, i
     return out
 
 
+def host_syncs_per_step(trainer, data: list[dict], first_step: int, steps: int = 3) -> float:
+    """CUDA only: synchronisations of the host with the device per engine step, counted by torch's
+    sync debug mode (every .item(), .tolist(), blocking copy to the host, ...)."""
+    import warnings
+
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for i in range(steps):
+                trainer.train_step([data[i % len(data)]], first_step + i)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return sum("synchroniz" in str(w.message) for w in caught) / steps
+
+
 def time_arm(cfg, precision: str, data: list[dict], steps: int, warmup: int, local_on: bool,
-             device: torch.device) -> tuple[dict, dict | None]:
-    """Full step and model pass, alternately; the FLOP counts too on the fp32 arm."""
+             device: torch.device, count: bool, compile: bool = False) -> tuple[dict, dict | None]:
+    """Full step and model pass, alternately; the FLOP counts too when `count`."""
     torch.manual_seed(0)
     method = build_method(cfg).to(device)
+    if compile:
+        _compile_backbones(method)
     total = steps + warmup
     trainer = Trainer(task=method, optimizer=adamw(param_groups(method.trainable_modules())),
-                      schedules=build_schedules(cfg, method, total), epochs=1, steps_per_epoch=total,
+                      schedules=build_schedules(cfg, method, total + 8), epochs=1, steps_per_epoch=total + 8,
                       run_dir=None, device=device, config_json="{}", precision=precision,
                       clip_grad=cfg.optim.clip_grad, quiet=True)
     dtype, full, model = autocast_dtype(precision, device), [], []
@@ -151,9 +170,13 @@ def time_arm(cfg, precision: str, data: list[dict], steps: int, warmup: int, loc
         if step >= warmup:
             full.append(t1 - t0)
             model.append(t2 - t1)
-    arm = {"precision": precision, "full_step_s": statistics.median(full), "model_s": statistics.median(model),
-           "full_step_s_all": full, "model_s_all": model}
-    if precision != "fp32":  # FLOPs do not depend on the precision: counted once, in fp32
+    arm = {"precision": precision + ("+compile" if compile else ""), "full_step_s": statistics.median(full),
+           "model_s": statistics.median(model), "full_step_s_all": full, "model_s_all": model}
+    if device.type == "cuda":
+        arm["host_syncs_per_step"] = host_syncs_per_step(trainer, data, total)
+        arm["cuda_max_memory_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        torch.cuda.reset_peak_memory_stats()
+    if not count:  # FLOPs do not depend on the precision: counted once
         return arm, None
     method.student.zero_grad(set_to_none=True)
     views = data[0]["views"]
@@ -164,18 +187,20 @@ def time_arm(cfg, precision: str, data: list[dict], steps: int, warmup: int, loc
 
 
 def run_preset(preset: str, batch: int, steps: int, warmup: int, precisions: list[str], peaks: dict,
-               device: torch.device, dense_out_dim: int | None = None) -> dict:
+               device: torch.device, dense_out_dim: int | None = None, compile: bool = False) -> dict:
     cfg = bench_config(preset, [f"method.local.out_dim={dense_out_dim}"] if dense_out_dim else [])
     data = batches(cfg, batch, 2, device)
     local_on = cfg.method.local.matching != "none"
     arms, flops = [], None
-    for precision in precisions:
+    runs = [(p, False) for p in precisions] + ([(precisions[-1], True)] if compile else [])
+    for precision, compiled in runs:
         try:
-            arm, counted = time_arm(cfg, precision, data, steps, warmup, local_on, device)
+            arm, counted = time_arm(cfg, precision, data, steps, warmup, local_on, device, count=flops is None,
+                                    compile=compiled)
         except RuntimeError as e:  # an engine failure in one precision: record it, keep the other arms
             arms.append({"precision": precision, "error": f"{type(e).__name__}: {e}"})
             continue
-        flops, peak = counted or flops, peaks[precision]["median_flops"]  # fp32 (counted) runs first
+        flops, peak = counted or flops, peaks[precision]["median_flops"]
         arm.update(images_per_s=batch / arm["full_step_s"], model_images_per_s=batch / arm["model_s"],
                    overhead=arm["full_step_s"] / arm["model_s"], peak_flops=peak)
         if flops:
@@ -203,12 +228,15 @@ def main() -> None:
     ap.add_argument("--matmul-size", type=int, default=None, help="peak matmul side (default 2048; CUDA 8192)")
     ap.add_argument("--matmul-reps", type=int, default=5)
     ap.add_argument("--dense-out-dim", type=int, default=None, help="override method.local.out_dim (e.g. 65536)")
+    ap.add_argument("--precisions", default=None, help="comma-separated (default: fp32, and bf16 where native)")
+    ap.add_argument("--compile", action="store_true", help="also time the last precision with run.compile")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=RESULT)
     args = ap.parse_args()
     device = device_and_threads(args.device, args.threads)
-    precisions = ["fp32"] + (["bf16"] if device.type == "cuda" or cpu_supports_bf16() else [])
+    precisions = (args.precisions.split(",") if args.precisions
+                  else ["fp32"] + (["bf16"] if device.type == "cuda" or cpu_supports_bf16() else []))
     # 2048² saturates a CPU's cores; a GPU needs a larger product to reach its peak.
     n = args.matmul_size or (8192 if device.type == "cuda" else 2048)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -216,8 +244,9 @@ def main() -> None:
     report = {"machine": machine(device), "matmul_peak": peaks, "presets": {}}
     for preset in args.presets.split(","):
         batch = args.batch or DEFAULT_BATCH.get(preset, 16)
-        report["presets"][preset] = run_preset(preset, batch, args.steps, args.warmup, precisions, peaks, device,
-                                                args.dense_out_dim)
+        key = preset + (f"-dense{args.dense_out_dim}" if args.dense_out_dim else "")
+        report["presets"][key] = run_preset(preset, batch, args.steps, args.warmup, precisions, peaks, device,
+                                             args.dense_out_dim, args.compile)
         print(f"{preset}: done", flush=True)
     report["peak_rss_mib"] = peak_rss_mib()
     if device.type == "cuda":
@@ -235,9 +264,10 @@ def main() -> None:
             if "error" in a:
                 print(f"| {preset} | {r['batch']} | {a['precision']} | fails: {a['error'][:90]} | | | | | | | |")
                 continue
-            print(f"| {preset} | {r['batch']} | {a['precision']} | {a['full_step_s']:.3f} | {a['images_per_s']:.1f} | "
-                  f"{a['model_s']:.3f} | {a['model_images_per_s']:.1f} | {a['overhead']:.2f}× | {gflop:.2f} | "
-                  f"{a.get('achieved_flops', nan) / 1e9:.1f} | {100 * a.get('achieved_over_peak', nan):.1f} % |")
+            syncs = f" ({a['host_syncs_per_step']:.0f} host syncs/step)" if "host_syncs_per_step" in a else ""
+            print(f"| {preset} | {r['batch']} | {a['precision']}{syncs} | {a['full_step_s']:.3f} | "
+                  f"{a['images_per_s']:.1f} | {a['model_s']:.3f} | {a['model_images_per_s']:.1f} | {a['overhead']:.2f}× | "
+                  f"{gflop:.2f} | {a.get('achieved_flops', nan) / 1e9:.1f} | {100 * a.get('achieved_over_peak', nan):.1f} % |")
     print("\n| preset | backbone | global head | dense head | parts / model | executed FLOPs of the full step / model |"
           "\n|---|---|---|---|---|---|")
     for preset, r in report["presets"].items():

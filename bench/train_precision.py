@@ -24,6 +24,7 @@ import torch  # noqa: E402
 from torch.utils.data import default_collate  # noqa: E402
 
 from glsd_cli.data.loader import ViewsDataset  # noqa: E402
+from glsd_cli.data.photometric import DevicePhotometric  # noqa: E402
 from glsd_cli.data.synthetic import SyntheticTextures  # noqa: E402
 from glsd_cli.engine.optim import adamw, param_groups  # noqa: E402
 from glsd_cli.engine.precision import cpu_supports_bf16  # noqa: E402
@@ -36,14 +37,16 @@ DEFAULTS = {"tiny-dino": (64, 40, 8), "vits16-dino": (8, 6, 2)}
 
 
 def batches(cfg, batch: int, count: int, device: torch.device) -> list[dict]:
+    """`count` multi-crop batches of the built-in data, ready on the device (crops in this process,
+    the photometric part batched on the device: quick to build even for large batches)."""
     size = max(cfg.data.global_crop_size, 32)
     source = SyntheticTextures("train", batch * count, size=size)
-    dataset = ViewsDataset(source, make_transform(cfg), seed=0)
+    dataset = ViewsDataset(source, make_transform(cfg), seed=0, photometric_on_device=True)
+    photometric = DevicePhotometric(device, cfg.data.color_jitter)
     out = []
     for i in range(count):
-        b = default_collate([dataset[j] for j in range(i * batch, (i + 1) * batch)])
-        out.append({"views": [v.to(device) for v in b["views"]], "boxes": b["boxes"].to(device),
-                    "flips": b["flips"].to(device)})
+        b = photometric.prepare(default_collate([dataset[j] for j in range(i * batch, (i + 1) * batch)]))
+        out.append({"views": b["views"], "boxes": b["boxes"].to(device), "flips": b["flips"].to(device)})
     return out
 
 

@@ -44,6 +44,10 @@ class DataConfig(Section):
     color_jitter: bool = Field(True, description="colour jitter, grayscale, blur and solarize (off: geometry only)")
     batch_size: int = Field(64, gt=0, description="images per step over all processes")
     num_workers: int = Field(2, ge=0, description="data-loading worker processes")
+    augment_on: Literal["auto", "workers", "device"] = Field(
+        "auto", description="where colour jitter, grayscale, blur, solarize and normalisation run: workers (in "
+                            "the loader, per image) or device (batched on the training device; workers only "
+                            "decode and crop); auto: device on a GPU, workers on a CPU")
     fraction: float | None = Field(None, gt=0, le=1, description="keep this fraction of each class (low-data regimes)")
     per_class: int | None = Field(None, gt=0, description="keep this many images of each class")
     count: int | None = Field(None, gt=0, description="keep this many images in all (stratified)")

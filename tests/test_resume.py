@@ -28,12 +28,12 @@ RESUME_OVERRIDES = TINY_OVERRIDES + ["model.drop_path_rate=0.2", "data.color_jit
 TOTAL_STEPS = 9  # 96 images / batch 32 × 3 epochs
 
 
-def _cli(out: Path, name: str | None, resume: Path | None = None) -> list[str]:
+def _cli(out: Path, name: str | None, resume: Path | None = None, extra: tuple[str, ...] = ()) -> list[str]:
     cmd = [sys.executable, "-m", "glsd_cli", "pretrain", "--quiet"]
     if resume is not None:
         return cmd + ["--resume", str(resume)]
     cmd += ["--out", str(out), "--name", name]
-    for item in RESUME_OVERRIDES:
+    for item in [*RESUME_OVERRIDES, *extra]:
         cmd += ["--set", item]
     return cmd
 
@@ -56,13 +56,15 @@ def _training_tensors(run: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_sigkill_at_a_random_step_then_resume_is_bit_exact(tmp_path):
-    ref = subprocess.run(_cli(tmp_path, "ref"), env=_env(), capture_output=True, text=True, timeout=600)
+@pytest.mark.parametrize("extra", [(), ('data.augment_on="device"', "data.color_jitter=true")],
+                         ids=["workers", "device-photometric"])
+def test_sigkill_at_a_random_step_then_resume_is_bit_exact(tmp_path, extra):
+    ref = subprocess.run(_cli(tmp_path, "ref", extra=extra), env=_env(), capture_output=True, text=True, timeout=600)
     assert ref.returncode == 0, ref.stderr
 
     kill_at = random.Random().randint(1, TOTAL_STEPS - 2)
     run = tmp_path / "killed"
-    proc = subprocess.Popen(_cli(tmp_path, "killed"), env=_env(), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_cli(tmp_path, "killed", extra=extra), env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 600
     while _position(run) < kill_at and proc.poll() is None and time.time() < deadline:

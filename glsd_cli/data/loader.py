@@ -36,17 +36,27 @@ class SeededEpochDataset(Dataset):
 
 
 class ViewsDataset(SeededEpochDataset):
-    """Wraps a source: item i of epoch e → its multi-crop views with boxes and flips."""
+    """Wraps a source: item i of epoch e → its multi-crop views with boxes and flips.
 
-    def __init__(self, source: ImageSource, transform: MultiCrop, seed: int):
+    `photometric_on_device`: the workers stop after the geometric part and hand over uint8 views with
+    their photometric parameters ("photometric", (V, NUM_PARAMS)), for `DevicePhotometric` to finish
+    on the training device; the same generator draws the same numbers either way."""
+
+    def __init__(self, source: ImageSource, transform: MultiCrop, seed: int, photometric_on_device: bool = False):
         super().__init__(source, seed)
         self.transform = transform
+        self.photometric_on_device = photometric_on_device
 
     def __getitem__(self, index: int) -> dict:
         image, label = self.source[index]
-        views, boxes, flips = self.transform(image, sample_generator(self.seed, self.epoch, index))
-        return {"views": views, "boxes": boxes, "flips": flips, "label": label, "index": index,
-                "unreadable": _was_unreadable(self.source, index)}
+        gen = sample_generator(self.seed, self.epoch, index)
+        item = {"label": label, "index": index, "unreadable": _was_unreadable(self.source, index)}
+        if self.photometric_on_device:
+            views, boxes, flips, params = self.transform.geometric(image, gen)
+            item["photometric"] = params
+        else:
+            views, boxes, flips = self.transform(image, gen)
+        return {"views": views, "boxes": boxes, "flips": flips, **item}
 
 
 def _was_unreadable(source: ImageSource, index: int) -> bool:

@@ -15,8 +15,9 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from glsd_cli.data import photometric
+from glsd_cli.data.photometric import IMAGENET_MEAN, IMAGENET_STD, chance, uniform
+
 # DINO's multi-crop has two global views, first in every sample; they are the teacher's views.
 NUM_GLOBAL_VIEWS = 2
 
@@ -27,23 +28,14 @@ def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
 
 
-def _uniform(gen: torch.Generator, low: float, high: float) -> float:
-    return low + (high - low) * float(torch.rand((), generator=gen))
-
-
-def _chance(gen: torch.Generator, p: float) -> bool:
-    # Always draw, so the stream of random numbers does not depend on p.
-    return float(torch.rand((), generator=gen)) < p
-
-
 def random_resized_crop_box(height: int, width: int, scale: tuple[float, float], gen: torch.Generator,
                             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
     """(top, left, h, w) with torchvision's RandomResizedCrop.get_params logic, drawn from `gen`."""
     area = height * width
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
-        target_area = area * _uniform(gen, *scale)
-        aspect = math.exp(_uniform(gen, *log_ratio))
+        target_area = area * uniform(gen, *scale)
+        aspect = math.exp(uniform(gen, *log_ratio))
         w = int(round(math.sqrt(target_area * aspect)))
         h = int(round(math.sqrt(target_area / aspect)))
         if 0 < w <= width and 0 < h <= height:
@@ -74,10 +66,11 @@ class ViewRecipe:
 class MultiCrop:
     """2 global views and N local views per image, each with its box and flip flag.
 
-    DINO's photometric recipe: flip p=0.5, ColorJitter(0.4, 0.4, 0.2, 0.1) p=0.8, grayscale p=0.2,
-    Gaussian blur σ∈[0.1, 2] (global 1: p=1, global 2: p=0.1 + solarize p=0.2, locals: p=0.5).
-    The blur σ is given for 224-px views; it is scaled with the view size so that small CPU
-    presets are not blurred beyond recognition.
+    DINO's recipe: RandomResizedCrop (bicubic, antialiased), flip p = 0.5, then the photometric part
+    (data/photometric.py: colour jitter, grayscale, blur — global 1: p = 1, global 2: p = 0.1 +
+    solarize p = 0.2, locals: p = 0.5 — and normalisation). `geometric` stops after the flip and
+    returns uint8 views with their photometric parameters, for a training device to finish in batches
+    (`DevicePhotometric`); calling the transform does everything here, in the loader's workers.
     """
 
     def __init__(self, global_size: int, local_size: int, num_local: int,
@@ -94,48 +87,34 @@ class MultiCrop:
     def num_views(self) -> int:
         return len(self.recipes)
 
-    def __call__(self, image: torch.Tensor, gen: torch.Generator
-                 ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-        """image: uint8 (3, H, W) → (views float (3, S, S) each, boxes (V, 4) float, flips (V,) bool)."""
+    def geometric(self, image: torch.Tensor, gen: torch.Generator
+                  ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+        """image: uint8 (3, H, W) → (views uint8 (3, S, S) each, boxes (V, 4) float, flips (V,) bool,
+        photometric parameters (V, NUM_PARAMS) float32). Every random number is drawn, in the same
+        order, whether or not colour augmentation is on, so that it never moves the geometry."""
         height, width = image.shape[-2:]
-        views, boxes, flips = [], [], []
+        views, boxes, flips, params = [], [], [], []
         for recipe in self.recipes:
             top, left, h, w = random_resized_crop_box(height, width, recipe.scale, gen)
             view = F.resized_crop(image, top, left, h, w, [recipe.size, recipe.size],
                                   interpolation=InterpolationMode.BICUBIC, antialias=True)
-            flipped = _chance(gen, 0.5)
+            flipped = chance(gen, 0.5)
             if flipped:
                 view = F.horizontal_flip(view)
-            view = self._photometric(view, recipe, gen)
-            views.append(F.normalize(view.float() / 255.0, IMAGENET_MEAN, IMAGENET_STD))
+            views.append(view)
             boxes.append((top, left, h, w))
             flips.append(flipped)
-        return views, torch.tensor(boxes, dtype=torch.float32), torch.tensor(flips, dtype=torch.bool)
+            params.append(photometric.draw(gen, recipe.size, recipe.blur_p, recipe.solarize_p))
+        return (views, torch.tensor(boxes, dtype=torch.float32), torch.tensor(flips, dtype=torch.bool),
+                torch.tensor(params, dtype=torch.float32))
 
-    def _photometric(self, view: torch.Tensor, recipe: ViewRecipe, gen: torch.Generator) -> torch.Tensor:
-        # Draw every random number even when colour augmentation is off, so that switching it off
-        # leaves the geometry of every view unchanged.
-        jitter = _chance(gen, 0.8)
-        order = torch.randperm(4, generator=gen).tolist()
-        factors = [_uniform(gen, 0.6, 1.4), _uniform(gen, 0.6, 1.4), _uniform(gen, 0.8, 1.2), _uniform(gen, -0.1, 0.1)]
-        gray = _chance(gen, 0.2)
-        blur = _chance(gen, recipe.blur_p)
-        sigma = _uniform(gen, 0.1, 2.0) * recipe.size / 224
-        solarize = _chance(gen, recipe.solarize_p)
-        if not self.color:
-            return view
-        if jitter:
-            ops = [F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue]
-            for i in order:
-                view = ops[i](view, factors[i])
-        if gray:
-            view = F.rgb_to_grayscale(view, num_output_channels=3)
-        if blur:
-            kernel = 2 * math.ceil(3 * sigma) + 1
-            view = F.gaussian_blur(view, [kernel, kernel], [sigma, sigma])
-        if solarize:
-            view = F.solarize(view, 128)
-        return view
+    def __call__(self, image: torch.Tensor, gen: torch.Generator
+                 ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """image: uint8 (3, H, W) → (views float (3, S, S) each, boxes (V, 4) float, flips (V,) bool)."""
+        views, boxes, flips, params = self.geometric(image, gen)
+        if self.color:
+            views = [photometric.apply_on_host(v, p.tolist()) for v, p in zip(views, params)]
+        return [photometric.normalize(v) for v in views], boxes, flips
 
 
 class EvalTransform:
@@ -148,4 +127,4 @@ class EvalTransform:
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         image = F.resize(image, [self.resize], interpolation=InterpolationMode.BICUBIC, antialias=True)
         image = F.center_crop(image, [self.size, self.size])
-        return F.normalize(image.float() / 255.0, IMAGENET_MEAN, IMAGENET_STD)
+        return photometric.normalize(image)

@@ -16,6 +16,7 @@ from glsd_cli.config import Config
 from glsd_cli.data.base import ImageSource, same_files
 from glsd_cli.data.loader import EpochSampler, ViewsDataset, make_loader
 from glsd_cli.data.multicrop import MultiCrop
+from glsd_cli.data.photometric import DevicePhotometric
 from glsd_cli.engine import distributed as dist
 from glsd_cli.engine.checkpoint import CHECKPOINT_NAME, read_checkpoint
 from glsd_cli.engine.metrics import console
@@ -161,19 +162,23 @@ def pretrain(cfg: Config, preset: str, resume: Path | None = None, quiet: bool =
     if cfg.run.compile:
         _compile_backbones(method)
     sampler = EpochSampler(len(source), cfg.data.batch_size, cfg.run.seed, dist.rank(), world)
-    dataset = ViewsDataset(source, make_method_transform(cfg, method), cfg.run.seed)
+    transform = make_method_transform(cfg, method)
+    on_device = photometric_on_device(cfg, device)
+    dataset = ViewsDataset(source, transform, cfg.run.seed, photometric_on_device=on_device)
     optimizer = adamw(param_groups(method.trainable_modules()))
     trainer = Trainer(task=method, optimizer=optimizer, schedules=build_schedules(cfg, method, sampler.steps_per_epoch),
                       epochs=cfg.run.epochs, steps_per_epoch=sampler.steps_per_epoch, run_dir=run_dir, device=device,
                       config_json=cfg.to_json(), precision=cfg.run.precision, clip_grad=cfg.optim.clip_grad,
                       checkpoint_every_steps=cfg.run.checkpoint_every_steps, log_every_steps=cfg.run.log_every_steps,
                       epoch_end_hook=knn_monitor_hook(cfg, method, device), quiet=quiet, accum_steps=accum,
-                      on_nonfinite=cfg.run.on_nonfinite, max_bad_fraction=cfg.run.max_bad_image_fraction)
+                      on_nonfinite=cfg.run.on_nonfinite, max_bad_fraction=cfg.run.max_bad_image_fraction,
+                      prepare_batch=DevicePhotometric(device, transform.color).prepare if on_device else None)
     if resume is not None:
         trainer.resume(run_dir)
     if not quiet and main:
         where = f"{world} processes ({'NCCL' if device.type == 'cuda' else 'gloo'})" if world > 1 else str(device)
-        console.print(f"training on {where}, precision {describe(autocast_dtype(cfg.run.precision, device))}"
+        console.print(f"training on {where}, precision {describe(autocast_dtype(cfg.run.precision, device))}, "
+                      f"photometric augmentation on the {'device' if on_device else 'loader workers'}"
                       + (f", resuming at step {trainer.state.global_step}" if resume is not None else ""))
 
     def make_epoch_loader(epoch: int, start_step: int):
@@ -206,6 +211,14 @@ def _compile_backbones(method: torch.nn.Module) -> None:
             blocks = getattr(module.model, "blocks", None) or getattr(module.model, "layers", None) or []
             for block in blocks:
                 block.compile()
+
+
+def photometric_on_device(cfg: Config, device: torch.device) -> bool:
+    """data.augment_on resolved: 'auto' is the device on a GPU (the loader's workers would starve it:
+    bench/end_to_end.py), the workers on a CPU (where both share the same cores)."""
+    if cfg.data.augment_on == "auto":
+        return device.type == "cuda"
+    return cfg.data.augment_on == "device"
 
 
 def make_method_transform(cfg: Config, method) -> MultiCrop:

@@ -108,6 +108,9 @@ class Trainer:
     on_nonfinite: str = "stop"               # "stop" | "skip"
     max_bad_fraction: float | None = None    # of unreadable images per epoch, None: no check
     plots: bool = True
+    # Finishes a host batch on the device before the step (e.g. DevicePhotometric.prepare); then the
+    # rest of the batch is moved to the device as it is.
+    prepare_batch: Callable[[dict], dict] | None = None
 
     def __post_init__(self):
         self.dtype = autocast_dtype(self.precision, self.device)
@@ -295,6 +298,8 @@ class Trainer:
             if isinstance(batch, dict) and "unreadable" in batch:
                 unreadable += int(batch["unreadable"].sum())  # a CPU tensor from the loader: no device wait
             images += batch_size(batch)
+            if self.prepare_batch is not None:
+                batch = self.prepare_batch(batch)
             with self._autocast():
                 out = self.task.training_step(self._to_device(batch), ctx)
             # Every process runs every forward and backward, finite or not: losses may hold
