@@ -9,7 +9,8 @@ before the first step) has been used up twice over; the first windows, which tha
 reported apart. "loader alone" iterates the same DataLoader (same workers, pinned memory) without a model
 and, for the device arm, times the batched photometric pass on the device separately.
 
-    python bench/end_to_end.py --device cuda --presets vits16-dino,vits16-geo --batch 128 --workers 14
+    python bench/end_to_end.py --device cuda --batch 128 --workers 14 \
+        --arms vits16-dino:workers,vits16-dino:device,vits16-geo:device,vits16-geo:workers
     python bench/end_to_end.py                   # CPU: tiny-dino, 2 workers, small images
 Writes bench/results/end_to_end[-cuda].json and prints a Markdown table.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -78,6 +80,7 @@ def steady_rate(windows: list[tuple[int, float]], skip_steps: int) -> tuple[floa
 
 def pretrain_arm(args, preset: str, mode: str, folder: Path, out: Path) -> dict:
     name = f"{preset}-{mode}"
+    shutil.rmtree(out / name, ignore_errors=True)  # a fresh run, not a refusal to overwrite the last one
     cmd = [sys.executable, "-m", "glsd_cli", "pretrain", "--preset", preset, "--data", str(folder),
            "--batch-size", str(args.batch), "--epochs", "1", "--device", args.device, "--precision", args.precision,
            "--out", str(out), "--name", name, "--quiet",
@@ -91,7 +94,7 @@ def pretrain_arm(args, preset: str, mode: str, folder: Path, out: Path) -> dict:
         return {"preset": preset, "mode": mode, "error": proc.stderr.strip().splitlines()[-1:]}
     lines = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
     windows = [(r["step"], r["images_per_s"]) for r in lines if "images_per_s" in r]
-    skip = 2 * args.workers * PREFETCH
+    skip = args.skip_steps if args.skip_steps is not None else 2 * args.workers * PREFETCH
     rate, early = steady_rate(windows, skip)
     return {"preset": preset, "mode": mode, "images_per_s": rate, "skipped_windows": early,
             "windows": windows, "skip_steps": skip, "wall_s": wall, "steps": lines[-1]["step"]}
@@ -131,16 +134,41 @@ def loader_arm(args, preset: str, mode: str, folder: Path, device: torch.device)
     return out
 
 
+def worker_costs(preset: str, folder: Path, images: int = 40) -> dict:
+    """Milliseconds per image of each stage a loader worker runs, in this process on one thread (as a
+    worker runs): reading and decoding the file, the geometric part (crops, resize, flip, parameter
+    draws), and the photometric part with normalisation (the workers mode only)."""
+    from glsd_cli.data import photometric
+    from glsd_cli.data.multicrop import sample_generator
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    source = open_source(str(folder))
+    crop = make_transform(bench_config(preset))
+    t0 = time.perf_counter()
+    decoded = [source[i][0] for i in range(images)]
+    t1 = time.perf_counter()
+    made = [crop.geometric(img, sample_generator(0, 0, i)) for i, img in enumerate(decoded)]
+    t2 = time.perf_counter()
+    for views, _, _, params in made:
+        [photometric.normalize(photometric.apply_on_host(v, p.tolist())) for v, p in zip(views, params)]
+    t3 = time.perf_counter()
+    torch.set_num_threads(threads)
+    return {"decode_ms": 1e3 * (t1 - t0) / images, "geometric_ms": 1e3 * (t2 - t1) / images,
+            "photometric_ms": 1e3 * (t3 - t2) / images}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--presets", default="tiny-dino")
-    ap.add_argument("--modes", default="workers,device")
+    ap.add_argument("--arms", default="tiny-dino:workers,tiny-dino:device", help="PRESET:MODE, comma-separated")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--images", type=int, default=1024, help="JPEGs in the folder (and images per arm)")
     ap.add_argument("--log-every", type=int, default=2, help="steps per images/s window")
+    ap.add_argument("--skip-steps", type=int, default=None,
+                    help="steps whose windows the prefetch buffer may inflate (default: 2 x workers x 2)")
     ap.add_argument("--loader-batches", type=int, default=20, help="batches timed after the prefetch buffer")
     ap.add_argument("--folder", type=Path, default=Path("/tmp/glsd-bench-jpegs"))
     ap.add_argument("--runs", type=Path, default=Path("/tmp/glsd-bench-runs"))
@@ -149,14 +177,23 @@ def main() -> None:
     device = device_and_threads(args.device, None)
     folder = jpeg_folder(args.folder, args.images)
     rows = []
-    for preset in args.presets.split(","):
-        for mode in args.modes.split(","):
-            loader = loader_arm(args, preset, mode, folder, device)
-            print(f"{preset} {mode}: loader {loader['loader_images_per_s']:.0f} images/s", flush=True)
-            arm = pretrain_arm(args, preset, mode, folder, args.runs)
-            print(f"{preset} {mode}: end to end {arm.get('images_per_s', float('nan')):.0f} images/s "
-                  f"{arm.get('error', '')}", flush=True)
-            rows.append({**arm, **loader})
+    out = args.out or RESULTS / f"end_to_end{'-cuda' if device.type == 'cuda' else ''}.json"
+    report = {"machine": machine(device), "batch": args.batch, "workers": args.workers, "images": args.images,
+              "precision": args.precision, "rows": rows, "worker_costs": {}}
+    for preset in dict.fromkeys(p.split(":")[0] for p in args.arms.split(",")):
+        report["worker_costs"][preset] = worker_costs(preset, folder)
+        print(f"{preset}: per image in one worker " +
+              ", ".join(f"{k} {v:.1f}" for k, v in report["worker_costs"][preset].items()), flush=True)
+    for spec in args.arms.split(","):
+        preset, mode = spec.split(":")
+        loader = loader_arm(args, preset, mode, folder, device)
+        print(f"{preset} {mode}: loader {loader['loader_images_per_s']:.0f} images/s", flush=True)
+        arm = pretrain_arm(args, preset, mode, folder, args.runs)
+        print(f"{preset} {mode}: end to end {arm.get('images_per_s', float('nan')):.0f} images/s; windows "
+              + " ".join(f"{step}:{rate:.0f}" for step, rate in arm.get("windows", [])) + f" {arm.get('error', '')}",
+              flush=True)
+        rows.append({**arm, **loader})
+        write_report(out, report)  # after every arm: a run cut short keeps what it measured
     print(f"\nend to end, {device.type} ({machine(device)['device']}), batch {args.batch}, {args.workers} workers, "
           f"precision {args.precision}\n")
     print("| preset | photometric on | end-to-end images/s (steady) | first windows (prefetch buffer) "
@@ -166,9 +203,7 @@ def main() -> None:
         dp = r.get("device_photometric_s_per_batch")
         print(f"| {r['preset']} | {r['mode']} | {r.get('images_per_s', float('nan')):.0f} | {early} | "
               f"{r['loader_images_per_s']:.0f} | {'' if dp is None else f'{dp:.4f}'} |")
-    report = {"machine": machine(device), "batch": args.batch, "workers": args.workers, "images": args.images,
-              "precision": args.precision, "rows": rows}
-    write_report(args.out or RESULTS / f"end_to_end{'-cuda' if device.type == 'cuda' else ''}.json", report)
+    write_report(out, report)
 
 
 if __name__ == "__main__":

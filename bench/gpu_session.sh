@@ -11,17 +11,13 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, torchvision, timm; print(torch.__version__, torchvision.__version__, timm.__version__)"
 step() { echo "== $*"; }
-step target gather
-timeout 60 python3 bench/target_gather.py --device cuda --batch 128 --out "$OUT/target_gather-cuda.json" | tail -7
 step step bound
-timeout 200 python3 bench/step_bound.py --device cuda --presets vits16-dino,vits16-geo,swint-geo --batch 128 \
-  --precisions bf16 --steps 8 --warmup 3 --out "$OUT/step_bound-cuda.json" | tail -12
-step step bound, dense out_dim 65536
-timeout 90 python3 bench/step_bound.py --device cuda --presets vits16-geo --batch 128 --precisions bf16 \
-  --dense-out-dim 65536 --steps 5 --warmup 2 --out "$OUT/step_bound-cuda-dense65536.json" | tail -8
+timeout 110 python3 bench/step_bound.py --device cuda --presets ${STEP_PRESETS:-vits16-dino,vits16-geo,swint-geo} \
+  --batch 128 --precisions bf16 --steps 8 --warmup 3 --out "$OUT/step_bound-cuda.json" | tail -12
 step end to end
-timeout 240 python3 bench/end_to_end.py --device cuda --presets vits16-dino,vits16-geo --batch 128 --workers 14 \
-  --images 10240 --log-every 4 --precision bf16 --out "$OUT/end_to_end-cuda.json" | tail -12
+timeout 270 python3 bench/end_to_end.py --device cuda --batch 128 --workers 14 --images 8192 --log-every 4 \
+  --skip-steps 40 --loader-batches 12 --precision bf16 --out "$OUT/end_to_end-cuda.json" \
+  --arms vits16-dino:workers,vits16-dino:device,vits16-geo:device,vits16-geo:workers | grep -v "^wrote"
 if [ "${COMPILE_S:-0}" -gt 0 ]; then
   step compile
   timeout "$COMPILE_S" python3 bench/step_bound.py --device cuda --presets vits16-geo --batch 128 --precisions bf16 \

@@ -89,9 +89,9 @@ class TokenMatches:
 
 
 def _not_self(view_sizes: Sequence[int], num_teachers: int, device: torch.device) -> Tensor:
-    """bool (N, T): token n of view s may learn from teacher view t unless s == t."""
-    view_of_token = torch.repeat_interleave(torch.arange(len(view_sizes), device=device),
-                                            torch.tensor(view_sizes, device=device))
+    """bool (N, T): token n of view s may learn from teacher view t unless s == t. Filled on the device
+    view by view (copying sizes from the host, or repeat_interleave, would wait for a GPU)."""
+    view_of_token = torch.cat([torch.full((n,), v, device=device) for v, n in enumerate(view_sizes)])
     return view_of_token[:, None] != torch.arange(num_teachers, device=device)[None, :]
 
 

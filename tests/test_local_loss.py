@@ -317,3 +317,17 @@ def test_each_token_goes_through_its_prototype_layer_once(chunk) -> None:
     assert tokens == B * sum(SIZES) + B * 2 * 9
     pair_tokens = sum(B * SIZES[s] for _, s in pairs)
     assert pair_tokens > B * sum(SIZES)  # what one pass per pair would have cost the student alone
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_both_target_gathers_agree(dtype) -> None:
+    # The CPU's embedding_bag and the GPU's gather per teacher view compute the same targets.
+    import glsd_cli.losses.local as local
+
+    g = torch.Generator().manual_seed(30)
+    probs = torch.softmax(torch.randn(20, K, generator=g), -1).to(dtype)
+    rows = torch.randint(0, 20, (33, 2), generator=g)
+    weights = torch.rand(33, 2, generator=g).to(dtype)
+    want = (probs.double()[rows] * weights.double()[..., None]).sum(1)
+    for got in (local.gather_targets(probs, rows, weights), local._gather_by_view(probs, rows, weights)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-2 if dtype == torch.bfloat16 else 1e-6, atol=1e-6)
