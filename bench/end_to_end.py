@@ -4,7 +4,7 @@ photometric augmentation can run (data.augment_on = workers | device), beside th
 The folder is generated once (--images JPEGs with ImageNet-like sizes: shorter side 300-500 px, aspect
 3:4 to 4:3, smooth random content at quality 90) under --folder. Each arm runs the real command
 (`python -m glsd_cli pretrain`, one epoch, a metrics.jsonl line every --log-every steps) and its images/s
-is the median of the windows that start after the loader's prefetch buffer (workers x 2 batches, ready
+is the images over the time of the windows that start after the loader's prefetch buffer (workers x 2 batches, ready
 before the first step) has been used up twice over; the first windows, which that buffer inflates, are
 reported apart. "loader alone" iterates the same DataLoader (same workers, pinned memory) without a model
 and, for the device arm, times the batched photometric pass on the device separately.
@@ -71,11 +71,16 @@ def jpeg_folder(folder: Path, count: int, seed: int = 0) -> Path:
     return folder
 
 
-def steady_rate(windows: list[tuple[int, float]], skip_steps: int) -> tuple[float, list[float]]:
-    """Median images/s of the windows logged after `skip_steps`, and the skipped windows' rates."""
+def steady_rate(windows: list[tuple[int, float]], skip_steps: int, images_per_window: int
+                ) -> tuple[float, list[float]]:
+    """Images/s over the windows logged after `skip_steps` (their images over their time: workers hand
+    over batches in bursts, so the median window would overstate a starved run), and the skipped
+    windows' rates."""
     late = [r for step, r in windows if step > skip_steps]
     early = [r for step, r in windows if step <= skip_steps]
-    return (statistics.median(late) if late else float("nan")), early
+    if not late:
+        return float("nan"), early
+    return len(late) * images_per_window / sum(images_per_window / r for r in late), early
 
 
 def pretrain_arm(args, preset: str, mode: str, folder: Path, out: Path) -> dict:
@@ -95,7 +100,7 @@ def pretrain_arm(args, preset: str, mode: str, folder: Path, out: Path) -> dict:
     lines = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
     windows = [(r["step"], r["images_per_s"]) for r in lines if "images_per_s" in r]
     skip = args.skip_steps if args.skip_steps is not None else 2 * args.workers * PREFETCH
-    rate, early = steady_rate(windows, skip)
+    rate, early = steady_rate(windows, skip, args.log_every * args.batch)
     return {"preset": preset, "mode": mode, "images_per_s": rate, "skipped_windows": early,
             "windows": windows, "skip_steps": skip, "wall_s": wall, "steps": lines[-1]["step"]}
 

@@ -126,20 +126,12 @@ def _logits(layer: nn.Module, scale: float, shift: Tensor | None = None) -> Call
 
 
 def gather_targets(probs: Tensor, rows: Tensor, weights: Tensor) -> Tensor:
-    """``target[i] = sum_t weights[i, t] * probs[rows[i, t]]``: every student token's target in one
-    indexed pass. On the CPU one weighted `embedding_bag` (3-4x faster than a gather per teacher view);
-    on a GPU one `index_select` per teacher view with a multiply-add (1.3x faster than embedding_bag
-    there) — bench/results/target_gather*.json."""
-    if probs.device.type == "cpu":
-        return F.embedding_bag(rows, probs, mode="sum", per_sample_weights=weights)
-    return _gather_by_view(probs, rows, weights)
-
-
-def _gather_by_view(probs: Tensor, rows: Tensor, weights: Tensor) -> Tensor:
-    target = probs.index_select(0, rows[:, 0]).mul_(weights[:, :1])
-    for t in range(1, rows.shape[1]):  # the teacher views (2): a constant, not a loop over pairs
-        target.addcmul_(probs.index_select(0, rows[:, t]), weights[:, t:t + 1])
-    return target
+    """``target[i] = sum_t weights[i, t] * probs[rows[i, t]]``: every student token's target in ONE
+    indexed pass, a weighted `embedding_bag`. A gather per teacher view with a multiply-add is 4x
+    slower on the CPU; on an H100 it was faster alone (8.6 against 11.1 ms, bench/target_gather.py) but
+    made the whole vits16-geo step slower (0.193 against 0.167 s, bench/results/step_bound-cuda-*.json):
+    it needs a second (tokens x K) buffer."""
+    return F.embedding_bag(rows, probs, mode="sum", per_sample_weights=weights)
 
 
 class _SoftTargetCrossEntropy(torch.autograd.Function):
