@@ -21,7 +21,7 @@ from glsd_cli.config import Config, resolve  # noqa: E402
 from glsd_cli.data.size_defaults import IMAGENET_N  # noqa: E402
 from glsd_cli.data.synthetic import SyntheticTextures  # noqa: E402
 from glsd_cli.engine.precision import cpu_supports_bf16, pick_device  # noqa: E402
-from glsd_cli.engine.pretrain import resolve_auto  # noqa: E402
+from glsd_cli.pretraining import prepare  # noqa: E402
 
 
 def bench_config(preset: str, sets: list[str] | tuple[str, ...] = ()) -> Config:
@@ -29,7 +29,7 @@ def bench_config(preset: str, sets: list[str] | tuple[str, ...] = ()) -> Config:
     ImageNet-1k for 224-px presets, the built-in data's training split for the tiny ones."""
     cfg = resolve(preset, ["run.knn_monitor=false", *sets])
     n = IMAGENET_N if cfg.data.global_crop_size >= 224 else len(SyntheticTextures("train"))
-    return resolve_auto(cfg, n)[0]
+    return prepare(cfg, n)[0]
 
 
 def machine(device: torch.device) -> dict:

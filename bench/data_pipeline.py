@@ -2,7 +2,7 @@
 
 Two pipelines on the same in-memory uint8 (3, H, W) images, in one process with one torch thread (what a
 DataLoader worker gets: torch/utils/data/_utils/worker.py calls torch.set_num_threads(1)):
-  glsd         the geometry-tracking `MultiCrop` of the preset (engine.pretrain.make_transform), drawing
+  glsd         the geometry-tracking `MultiCrop` of the preset (pretraining.make_views), drawing
                from the per-sample generator as `ViewsDataset` does (boxes and flip flags included);
   torchvision  a plain DINO multi-crop written with torchvision.transforms.v2 (RandomResizedCrop, flip,
                RandomApply(ColorJitter(0.4, 0.4, 0.2, 0.1), 0.8), RandomGrayscale(0.2), GaussianBlur,
@@ -39,7 +39,7 @@ from train_precision import batches, run_arm  # noqa: E402
 
 from glsd_cli.data.multicrop import IMAGENET_MEAN, IMAGENET_STD, MultiCrop, sample_generator  # noqa: E402
 from glsd_cli.data.synthetic import SyntheticTextures  # noqa: E402
-from glsd_cli.engine.pretrain import make_transform  # noqa: E402
+from glsd_cli.pretraining import make_views  # noqa: E402
 
 RESULT = RESULTS / "data_pipeline.json"
 # Images timed per round: a 224-px multi-crop costs ~50× a 32-px one.
@@ -113,7 +113,7 @@ def main() -> None:
         size = args.image_size or (256 if cfg.data.global_crop_size >= 224 else max(cfg.data.global_crop_size, 32))
         source = SyntheticTextures("train", args.distinct, size=size)
         images = [source[i][0] for i in range(args.distinct)]
-        crop = make_transform(cfg)
+        crop = make_views(cfg)
         pipelines = {"glsd": glsd_multicrop(crop), "torchvision": torchvision_multicrop(crop)}
         count = args.images or DEFAULT_IMAGES.get(preset, 100)
         threads = torch.get_num_threads()

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 from glsd_cli.data.loader import EpochSampler, ViewsDataset, make_loader  # noqa: E402
 from glsd_cli.data.photometric import DevicePhotometric  # noqa: E402
 from glsd_cli.data.sources import open_source  # noqa: E402
-from glsd_cli.engine.pretrain import make_transform  # noqa: E402
+from glsd_cli.pretraining import make_views  # noqa: E402
 
 PREFETCH = 2  # torch's DataLoader default prefetch_factor
 
@@ -109,7 +109,7 @@ def loader_arm(args, preset: str, mode: str, folder: Path, device: torch.device)
     """The DataLoader alone (and, in device mode, the batched photometric pass timed on its own)."""
     cfg = bench_config(preset)
     on_device = mode == "device"
-    dataset = ViewsDataset(open_source(str(folder)), make_transform(cfg), 0, photometric_on_device=on_device)
+    dataset = ViewsDataset(open_source(str(folder)), make_views(cfg), 0, photometric_on_device=on_device)
     sampler = EpochSampler(len(dataset), args.batch, 0)
     loader: DataLoader = make_loader(dataset, sampler, args.batch, args.workers)
     buffered = args.workers * PREFETCH
@@ -149,7 +149,7 @@ def worker_costs(preset: str, folder: Path, images: int = 40) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     source = open_source(str(folder))
-    crop = make_transform(bench_config(preset))
+    crop = make_views(bench_config(preset))
     t0 = time.perf_counter()
     decoded = [source[i][0] for i in range(images)]
     t1 = time.perf_counter()

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from glsd_cli.config import resolve  # noqa: E402
 from glsd_cli.engine.checkpoint import atomic_write_bytes  # noqa: E402
-from glsd_cli.engine.pretrain import pretrain  # noqa: E402
+from glsd_cli.commands.pretrain import pretrain  # noqa: E402
 from glsd_cli.eval.linear import LinearOptions, run_linear_eval  # noqa: E402
 
 RESULT = ROOT / "bench" / "results" / "linear_eval_speed.json"

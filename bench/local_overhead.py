@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from glsd_cli.config import resolve  # noqa: E402
 from glsd_cli.data.loader import ViewsDataset  # noqa: E402
-from glsd_cli.engine.pretrain import make_transform, resolve_auto  # noqa: E402
+from glsd_cli.pretraining import make_views, prepare  # noqa: E402
 from glsd_cli.data.synthetic import SyntheticTextures  # noqa: E402
 from glsd_cli.engine.optim import adamw, param_groups  # noqa: E402
 from glsd_cli.engine.task import ScheduledValues  # noqa: E402
@@ -47,10 +47,10 @@ def build(preset: str, arm: str, batch: int, dense_out_dim: int | None, device: 
     cfg = resolve(preset, sets)
     size = max(cfg.data.global_crop_size, 32)
     source = SyntheticTextures("train", batch, size=size)
-    cfg, _ = resolve_auto(cfg, 1_281_167 if cfg.data.global_crop_size >= 224 else len(source))
+    cfg, _ = prepare(cfg, 1_281_167 if cfg.data.global_crop_size >= 224 else len(source))
     torch.manual_seed(0)
     method = build_method(cfg).to(device)
-    dataset = ViewsDataset(source, make_transform(cfg), 0)
+    dataset = ViewsDataset(source, make_views(cfg), 0)
     data = default_collate([dataset[i] for i in range(batch)])
     data = {k: ([v.to(device) for v in val] if isinstance(val, list) else val.to(device)) if k != "label" else val
             for k, val in data.items()}

@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 from glsd_cli.config import resolve  # noqa: E402
 from glsd_cli.data.sources import open_source  # noqa: E402
-from glsd_cli.engine.pretrain import open_training_source  # noqa: E402
+from glsd_cli.pretraining import open_training_source  # noqa: E402
 from glsd_cli.eval.knn import knn_classify  # noqa: E402
 
 ARMS = {"dino": ("fmnist-dino", []), "similarity": ("fmnist-sim", []), "geometric": ("fmnist-geo", []),

@@ -18,12 +18,12 @@ import json, time, torch
 from torch.utils.data import default_collate
 from glsd_cli.config import resolve
 from glsd_cli.data.loader import ViewsDataset
-from glsd_cli.engine.pretrain import make_transform, open_training_source, resolve_auto
+from glsd_cli.pretraining import make_views, open_training_source, prepare
 from glsd_cli.engine.optim import adamw, param_groups
 from glsd_cli.engine.task import ScheduledValues
 from glsd_cli.methods import StepContext, build_method
-cfg = resolve("tiny-dino"); src = open_training_source(cfg); cfg, _ = resolve_auto(cfg, len(src))
-ds = ViewsDataset(src, make_transform(cfg), 0)
+cfg = resolve("tiny-dino"); src = open_training_source(cfg); cfg, _ = prepare(cfg, len(src))
+ds = ViewsDataset(src, make_views(cfg), 0)
 t = time.perf_counter(); batch = default_collate([ds[i] for i in range(64)]); data_s = time.perf_counter() - t
 torch.manual_seed(0); m = build_method(cfg)
 opt = adamw(param_groups(m.trainable_modules()))

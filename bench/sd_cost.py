@@ -55,7 +55,7 @@ def _build(spec: dict, sd: bool):
     import torch
 
     from glsd_cli.config import resolve
-    from glsd_cli.engine.pretrain import resolve_auto
+    from glsd_cli.pretraining import prepare
     from glsd_cli.engine.optim import adamw, param_groups
     from glsd_cli.engine.task import ScheduledValues
     from glsd_cli.methods import StepContext, build_method
@@ -63,7 +63,7 @@ def _build(spec: dict, sd: bool):
     torch.manual_seed(0)
     cfg = resolve(spec["preset"], [f"method.sd.enabled={'true' if sd else 'false'}",
                                    f"data.batch_size={spec['batch']}"])
-    cfg, _ = resolve_auto(cfg, 2000)  # tiny presets' 'auto' values, as for the built-in data
+    cfg, _ = prepare(cfg, 2000)  # tiny presets' 'auto' values, as for the built-in data
     device = torch.device(spec["device"])
     method = build_method(cfg).to(device)
     method.train()

@@ -37,7 +37,7 @@ from train_precision import batches  # noqa: E402  (pre-built multi-crop batches
 
 from glsd_cli.engine.optim import adamw, param_groups  # noqa: E402
 from glsd_cli.engine.precision import autocast_dtype, cpu_supports_bf16  # noqa: E402
-from glsd_cli.engine.pretrain import _compile_backbones, build_schedules  # noqa: E402
+from glsd_cli.pretraining import build_schedules, compile_backbones  # noqa: E402
 from glsd_cli.engine.trainer import Trainer  # noqa: E402
 from glsd_cli.methods import build_method  # noqa: E402
 from glsd_cli.data.multicrop import NUM_GLOBAL_VIEWS as NUM_GLOBAL  # noqa: E402
@@ -148,7 +148,7 @@ def time_arm(cfg, precision: str, data: list[dict], steps: int, warmup: int, loc
     torch.manual_seed(0)
     method = build_method(cfg).to(device)
     if compile:
-        _compile_backbones(method)
+        compile_backbones(method)
     total = steps + warmup
     trainer = Trainer(task=method, optimizer=adamw(param_groups(method.trainable_modules())),
                       schedules=build_schedules(cfg, method, total + 8), epochs=1, steps_per_epoch=total + 8,

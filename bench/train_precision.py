@@ -28,7 +28,7 @@ from glsd_cli.data.photometric import DevicePhotometric  # noqa: E402
 from glsd_cli.data.synthetic import SyntheticTextures  # noqa: E402
 from glsd_cli.engine.optim import adamw, param_groups  # noqa: E402
 from glsd_cli.engine.precision import cpu_supports_bf16  # noqa: E402
-from glsd_cli.engine.pretrain import build_schedules, make_transform  # noqa: E402
+from glsd_cli.pretraining import build_schedules, make_views  # noqa: E402
 from glsd_cli.engine.trainer import Trainer  # noqa: E402
 from glsd_cli.methods import build_method  # noqa: E402
 
@@ -41,7 +41,7 @@ def batches(cfg, batch: int, count: int, device: torch.device) -> list[dict]:
     the photometric part batched on the device: quick to build even for large batches)."""
     size = max(cfg.data.global_crop_size, 32)
     source = SyntheticTextures("train", batch * count, size=size)
-    dataset = ViewsDataset(source, make_transform(cfg), seed=0, photometric_on_device=True)
+    dataset = ViewsDataset(source, make_views(cfg), seed=0, photometric_on_device=True)
     photometric = DevicePhotometric(device, cfg.data.color_jitter)
     out = []
     for i in range(count):

@@ -48,7 +48,7 @@ def pretrain(
 ) -> None:
     """Pre-train a ViT by self-distillation. With no arguments: the tiny CPU preset on the built-in data."""
     from glsd_cli.config import DEFAULT_PRESET, resolve
-    from glsd_cli.engine.pretrain import pretrain as run_pretrain
+    from glsd_cli.commands.pretrain import pretrain as run_pretrain
 
     flags = {"data.train": data, "run.epochs": epochs, "data.batch_size": batch_size, "run.out": out,
              "run.name": name, "run.device": device, "run.seed": seed, "run.precision": precision}

@@ -6,13 +6,12 @@ import torch
 from glsd_cli.engine.checkpoint import (load_state_strict, read_checkpoint, save_tensors, sub_dict)
 from glsd_cli.errors import CheckpointError
 from glsd_cli.eval.loading import load_pretrained
-from glsd_cli.methods import build_method
-from glsd_cli.engine.pretrain import resolve_auto
+from glsd_cli.pretraining import build_pretraining
 
 
 def _method(cfg):
-    cfg, _ = resolve_auto(cfg, 96)
-    return cfg, build_method(cfg)
+    setup = build_pretraining(cfg, 96)
+    return setup.cfg, setup.method
 
 
 def test_round_trip_gives_identical_outputs(tiny_cfg, tmp_path):

@@ -1,12 +1,10 @@
 import torch
 
-from glsd_cli.engine.pretrain import resolve_auto
-from glsd_cli.methods import build_method
+from glsd_cli.pretraining import build_pretraining
 
 
 def test_teacher_ema_formula(tiny_cfg):
-    cfg, _ = resolve_auto(tiny_cfg, 96)
-    method = build_method(cfg)
+    method = build_pretraining(tiny_cfg, 96).method
     with torch.no_grad():
         for p in method.student.parameters():
             p.add_(torch.randn_like(p))
@@ -18,8 +16,7 @@ def test_teacher_ema_formula(tiny_cfg):
 
 
 def test_teacher_starts_equal_and_is_frozen(tiny_cfg):
-    cfg, _ = resolve_auto(tiny_cfg, 96)
-    method = build_method(cfg)
+    method = build_pretraining(tiny_cfg, 96).method
     for (n_s, p_s), (n_t, p_t) in zip(method.student.named_parameters(), method.teacher.named_parameters()):
         assert n_s == n_t and torch.equal(p_s, p_t)
         assert not p_t.requires_grad

@@ -7,9 +7,9 @@ from torch.utils.data import default_collate
 
 from glsd_cli.config import resolve
 from glsd_cli.data.loader import ViewsDataset
-from glsd_cli.engine.pretrain import make_transform, open_training_source, resolve_auto
+from glsd_cli.pretraining import build_pretraining
 from glsd_cli.engine.task import ScheduledValues
-from glsd_cli.methods import StepContext, build_method
+from glsd_cli.methods import StepContext
 from tests.conftest import TINY_OVERRIDES
 
 
@@ -17,10 +17,9 @@ def _setup(matching, extra=()):
     # KoLeo off unless a test turns it on: the other tests check the loss terms' weighting without it.
     cfg = resolve("tiny-dino", TINY_OVERRIDES + [f'method.local.matching="{matching}"', "method.loss.koleo_weight=0",
                                                  *extra])
-    source = open_training_source(cfg)
-    cfg, _ = resolve_auto(cfg, len(source))
-    method = build_method(cfg)
-    batch = default_collate([ViewsDataset(source, make_transform(cfg), 0)[i] for i in range(4)])
+    setup = build_pretraining(cfg)
+    cfg, method = setup.cfg, setup.method
+    batch = default_collate([ViewsDataset(setup.source, setup.views, 0)[i] for i in range(4)])
     ctx = StepContext(epoch=1, step=0, total_steps=10, values=ScheduledValues(lr=0.0, teacher_temp=0.04, momentum=0.99))
     return cfg, method, batch, ctx
 

@@ -17,9 +17,8 @@ from glsd_cli.config import resolve
 from glsd_cli.data.loader import ViewsDataset
 from glsd_cli.data.synthetic import SyntheticTextures
 from glsd_cli.engine.optim import adamw, param_groups
-from glsd_cli.engine.pretrain import build_schedules, make_transform, resolve_auto
+from glsd_cli.pretraining import build_pretraining, build_schedules
 from glsd_cli.engine.trainer import Trainer
-from glsd_cli.methods import build_method
 from tests.conftest import TINY_OVERRIDES
 
 READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "__format__", "__array__"}
@@ -44,11 +43,9 @@ class CountReads(TorchFunctionMode):
 def test_a_step_reads_the_device_once_and_a_log_step_twice(monkeypatch, extra):
     monkeypatch.setattr(geometry, "reading_is_free", lambda device: False)
     cfg = resolve("tiny-dino", TINY_OVERRIDES + extra + ["optim.clip_grad=3.0", "run.log_every_steps=2"])
-    cfg, _ = resolve_auto(cfg, 96)
-    method = build_method(cfg)
-    from glsd_cli.engine.pretrain import make_method_transform
-
-    dataset = ViewsDataset(SyntheticTextures("train", 8, size=16), make_method_transform(cfg, method), seed=0)
+    setup = build_pretraining(cfg, 96)
+    cfg, method = setup.cfg, setup.method
+    dataset = ViewsDataset(SyntheticTextures("train", 8, size=16), setup.views, seed=0)
     batch = default_collate([dataset[i] for i in range(8)])
     batch = {k: batch[k] for k in ("views", "boxes", "flips")}  # the loader's host-side flags aside
     trainer = Trainer(task=method, optimizer=adamw(param_groups(method.trainable_modules())),

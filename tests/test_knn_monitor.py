@@ -5,7 +5,8 @@ import torch
 import torchvision
 
 from glsd_cli.config import resolve
-from glsd_cli.engine.pretrain import knn_monitor_hook, open_training_source
+from glsd_cli.commands.pretrain import knn_monitor_hook
+from glsd_cli.pretraining import open_training_source
 
 
 def _folder(root: Path, split: str = "") -> None:

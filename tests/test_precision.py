@@ -12,10 +12,9 @@ from glsd_cli.data.loader import ViewsDataset
 from glsd_cli.data.synthetic import SyntheticTextures
 from glsd_cli.engine.optim import adamw, param_groups
 from glsd_cli.engine.precision import autocast_dtype, cpu_supports_bf16
-from glsd_cli.engine.pretrain import _compile_backbones, build_schedules, make_transform, resolve_auto
+from glsd_cli.pretraining import build_pretraining, build_schedules, compile_backbones
 from glsd_cli.engine.trainer import Trainer
 from glsd_cli.errors import GlsdError
-from glsd_cli.methods import build_method
 from tests.conftest import TINY_OVERRIDES
 
 CPU = torch.device("cpu")
@@ -40,13 +39,14 @@ def test_precision_choice_on_gpu():
 
 
 def _setup(tiny_cfg, precision="fp32", accum=1, compile=False):
-    cfg, _ = resolve_auto(tiny_cfg, 96)
+    cfg = tiny_cfg.model_copy(deep=True)
     cfg.data.color_jitter = False  # geometry-only views: the same test, far quicker to build
     torch.manual_seed(0)
-    method = build_method(cfg)
+    setup = build_pretraining(cfg, 96)
+    cfg, method = setup.cfg, setup.method
     if compile:
-        _compile_backbones(method)
-    dataset = ViewsDataset(SyntheticTextures("train", BATCH * STEPS, size=16), make_transform(cfg), seed=0)
+        compile_backbones(method)
+    dataset = ViewsDataset(SyntheticTextures("train", BATCH * STEPS, size=16), setup.views, seed=0)
     batches = [default_collate([dataset[i] for i in range(s * BATCH, (s + 1) * BATCH)]) for s in range(STEPS)]
     trainer = Trainer(task=method, optimizer=adamw(param_groups(method.trainable_modules())),
                       schedules=build_schedules(cfg, method, STEPS), epochs=1, steps_per_epoch=STEPS, run_dir=None,

@@ -12,11 +12,11 @@ import torch
 
 from glsd_cli.config import resolve
 from glsd_cli.data.loader import ViewsDataset
-from glsd_cli.engine.pretrain import make_method_transform, open_training_source, resolve_auto
+from glsd_cli.pretraining import build_pretraining, make_views, open_training_source
 from glsd_cli.engine.optim import param_groups
 from glsd_cli.errors import ConfigError
 from glsd_cli.engine.task import ScheduledValues
-from glsd_cli.methods import StepContext, build_method
+from glsd_cli.methods import StepContext
 from glsd_cli.models.mocov3_vit import sincos_2d_position_embedding
 from tests.conftest import TINY_OVERRIDES
 
@@ -28,10 +28,9 @@ CONTRASTIVE = ["simclr", "byol", "mocov3"]
 
 
 def make(preset: str, *extra: str):
-    cfg = resolve(preset, SMALL + list(extra))
-    cfg, _ = resolve_auto(cfg, 96)
     torch.manual_seed(0)
-    return cfg, build_method(cfg)
+    setup = build_pretraining(resolve(preset, SMALL + list(extra)), 96)
+    return setup.cfg, setup.method
 
 
 def two_views(b: int = 8, size: int = 16, seed: int = 1) -> dict:
@@ -168,7 +167,7 @@ def test_teacher_and_heads_layout():
 
 def test_two_view_transform():
     cfg, method = make("tiny-mocov3-sd", "data.num_local_crops=3")
-    tf = make_method_transform(cfg, method)
+    tf = make_views(cfg, method)
     assert tf.num_views == 2 and [r.blur_p for r in tf.recipes] == [1.0, 0.1]
     assert [r.solarize_p for r in tf.recipes] == [0.0, 0.2] and all(r.scale == (0.08, 1.0) for r in tf.recipes)
     item = ViewsDataset(open_training_source(cfg), tf, 0)[0]

@@ -14,9 +14,9 @@ from torch.utils.data import default_collate
 from glsd_cli.config import resolve
 from glsd_cli.data.loader import ViewsDataset
 from glsd_cli.engine.checkpoint import read_checkpoint
-from glsd_cli.engine.pretrain import make_transform, open_training_source, resolve_auto
+from glsd_cli.pretraining import build_pretraining
 from glsd_cli.engine.task import ScheduledValues
-from glsd_cli.methods import StepContext, build_method
+from glsd_cli.methods import StepContext
 from tests.cli_helpers import run_cli
 from tests.conftest import TINY_OVERRIDES
 from tests.test_sdssl_method import SMALL, truncated_cls
@@ -26,12 +26,10 @@ GEO = TINY_OVERRIDES + ["model.depth=3"]
 
 def geo_setup(*extra: str):
     cfg = resolve("tiny-geo-sd", GEO + list(extra))
-    source = open_training_source(cfg)
-    cfg, _ = resolve_auto(cfg, len(source))
     torch.manual_seed(0)
-    method = build_method(cfg)
-    batch = default_collate([ViewsDataset(source, make_transform(cfg), 0)[i] for i in range(4)])
-    return cfg, method, batch
+    setup = build_pretraining(cfg)
+    batch = default_collate([ViewsDataset(setup.source, setup.views, 0)[i] for i in range(4)])
+    return setup.cfg, setup.method, batch
 
 
 def step(method, batch, lam: float | None):

@@ -5,18 +5,18 @@ from torch.utils.data import default_collate
 from glsd_cli.config import resolve
 from glsd_cli.data.loader import ViewsDataset
 from glsd_cli.data.synthetic import SyntheticTextures
-from glsd_cli.engine.pretrain import make_transform, resolve_auto
+from glsd_cli.pretraining import build_pretraining
 from glsd_cli.engine.task import ScheduledValues
-from glsd_cli.methods import StepContext, build_method
+from glsd_cli.methods import StepContext
 
 
 @pytest.mark.slow
 def test_swint_geo_step_has_7x7_and_3x3_grids():
     cfg = resolve("swint-geo", ["data.num_local_crops=2", "head.out_dim=512", "method.local.out_dim=512",
                                 "head.hidden_dim=256"])
-    cfg, _ = resolve_auto(cfg, 1000)
-    method = build_method(cfg)
-    dataset = ViewsDataset(SyntheticTextures("train", 2, size=256), make_transform(cfg), 0)
+    setup = build_pretraining(cfg, 1000)
+    method = setup.method
+    dataset = ViewsDataset(SyntheticTextures("train", 2, size=256), setup.views, 0)
     batch = default_collate([dataset[i] for i in range(2)])
     grids = [method.student["backbone"].forward_tokens(v[:1]).grid for v in (batch["views"][0], batch["views"][2])]
     assert grids == [(7, 7), (3, 3)]

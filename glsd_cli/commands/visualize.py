@@ -81,7 +81,7 @@ def matches(
     """Two sampled views side by side with lines between matched tokens: geometric and similarity matching."""
     import torch
 
-    from glsd_cli.engine.pretrain import make_method_transform
+    from glsd_cli.pretraining import make_views
     from glsd_cli.viz import matches as vm
     from glsd_cli.viz.drawing import denormalise, save_png
     from glsd_cli.viz.images import read_image
@@ -90,7 +90,7 @@ def matches(
         raise GlsdError(f"--student-view must be local or global, got '{student_view}'")
     cfg, method, dev = _load(checkpoint, device)
     img = read_image(image, cfg.data.global_crop_size)
-    pair = vm.sample_views(make_method_transform(cfg, method), img, seed, student_view)
+    pair = vm.sample_views(make_views(cfg, method), img, seed, student_view)
     with torch.no_grad():
         # As in training (methods/glsd.py): the student network sees the student view, the teacher
         # the teacher view; both give their patch tokens after the final norm.

@@ -86,10 +86,29 @@ class SubsetSource(ImageSource):
         return self.base.image_size()
 
 
+def innermost(source: ImageSource, index: int | None = None) -> tuple[ImageSource, int | None]:
+    """The source under any subsets, and `index` mapped into it."""
+    while isinstance(source, SubsetSource):
+        source, index = source.base, (None if index is None else source.indices[index])
+    return source, index
+
+
+# Unreadable images: one bad file is always tolerated, and the fraction is judged only once a fair
+# sample was read (so a few unlucky early files in a large shuffled dataset whose overall bad fraction
+# is within the tolerance do not abort a long run). Applied by the folder source to what one loader
+# worker reads and by the training loop to what all workers and processes read in an epoch.
+UNREADABLE_SAMPLE = 1000
+
+
+def too_many_unreadable(unreadable: int, read: int, max_fraction: float, sample: int) -> bool:
+    """Whether `unreadable` of `read` images break the tolerance, judged once `sample` images were read
+    (UNREADABLE_SAMPLE, or all there are when fewer)."""
+    return unreadable > 1 and read >= sample and unreadable > max_fraction * read
+
+
 def root_file_list(source: ImageSource) -> list[str] | None:
     """The files behind a source (through subsets), or None for sources that are not file-backed."""
-    while isinstance(source, SubsetSource):
-        source = source.base
+    source, _ = innermost(source)
     paths = getattr(source, "paths", None)
     return [str(p) for p in paths] if paths is not None else None
 

@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from glsd_cli.data.base import ImageSource, SubsetSource
+from glsd_cli.data.base import ImageSource, innermost
 from glsd_cli.data.multicrop import MultiCrop, sample_generator
 from glsd_cli.errors import ConfigError
 
@@ -62,8 +62,7 @@ class ViewsDataset(SeededEpochDataset):
 def _was_unreadable(source: ImageSource, index: int) -> bool:
     """Whether item `index` could not be decoded (a folder source then returned the next readable
     image). Decided per item, not from a counter, so it is the same in any worker or process."""
-    while isinstance(source, SubsetSource):
-        source, index = source.base, source.indices[index]
+    source, index = innermost(source, index)
     bad = getattr(source, "unreadable_paths", None)
     return bool(bad) and str(source.paths[index]) in bad
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from glsd_cli.data.base import ImageSource
+from glsd_cli.data.base import UNREADABLE_SAMPLE, ImageSource, too_many_unreadable
 from glsd_cli.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
@@ -210,11 +210,7 @@ class FolderSource(ImageSource):
             self.num_unreadable += 1
             self.unreadable_paths.append(str(self.paths[i]))
         seen = self._num_seen
-        # Judge the fraction only once a fair sample was seen (1000 images, or all of a smaller
-        # folder), so a few unlucky early files in a large shuffled dataset whose overall bad
-        # fraction is well within the tolerance do not abort a long run.
-        if (self.num_unreadable > 1 and seen >= min(len(self.paths), 1000)
-                and self.num_unreadable > self.max_bad_fraction * seen):
+        if too_many_unreadable(self.num_unreadable, seen, self.max_bad_fraction, min(len(self.paths), UNREADABLE_SAMPLE)):
             few = ", ".join(self.unreadable_paths[:3])
             raise DataError(f"{self.num_unreadable} of {seen} images read so far in '{self.root}' are "
                             f"unreadable (more than {self.max_bad_fraction:.1%}), e.g. {few}.")

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from glsd_cli.data.base import UNREADABLE_SAMPLE, too_many_unreadable
 from glsd_cli.engine import distributed as dist
 from glsd_cli.engine.batching import batch_size, clear_worker_errors, grouped
 from glsd_cli.engine.checkpoint import (CHECKPOINT_NAME, load_optimizer, load_state_strict, optimizer_tensors,
@@ -42,8 +43,6 @@ MAX_CONSECUTIVE_SKIPS = 10
 # One interrupt often arrives twice within moments (the terminal and torchrun both pass on Ctrl-C,
 # SLURM and torchrun both pass on SIGTERM): only a signal later than this means "leave now".
 REPEATED_SIGNAL_S = 3.0
-# The unreadable-image fraction is judged once this many images (or the whole epoch) were read.
-BAD_IMAGES_SAMPLE = 1000
 
 
 class NonFiniteLoss(GlsdError):
@@ -383,12 +382,10 @@ class Trainer:
         t = self.tally
         t.epoch_unreadable += unreadable
         t.epoch_images += images
-        # Judged once a fair sample was read (as FolderSource does), always tolerating one bad file.
-        if self.max_bad_fraction is None or t.epoch_unreadable <= 1:
+        if self.max_bad_fraction is None:
             return
-        if t.epoch_images < min(BAD_IMAGES_SAMPLE, self.steps_per_epoch * images):
-            return
-        if t.epoch_unreadable > self.max_bad_fraction * t.epoch_images:
+        if too_many_unreadable(t.epoch_unreadable, t.epoch_images, self.max_bad_fraction,
+                               min(UNREADABLE_SAMPLE, self.steps_per_epoch * images)):
             raise DataError(f"{t.epoch_unreadable} of the {t.epoch_images} images read in epoch {self.state.epoch} "
                             f"were unreadable (more than run.max_bad_image_fraction = {self.max_bad_fraction:.1%}); "
                             "fix or remove the broken files, or raise that fraction.")
