@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import difflib
 import json
-import tomllib
+import sys
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Union
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the same parser, published as tomli before it joined the standard library in 3.11
+    import tomli as tomllib
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
