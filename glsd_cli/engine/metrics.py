@@ -13,7 +13,9 @@ from typing import Iterator
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-console = Console(stderr=True)
+# soft_wrap: a line longer than the console is written whole (a log file has no width; rich would
+# break it at 80 columns when stderr is not a terminal); a terminal wraps it itself.
+console = Console(stderr=True, soft_wrap=True)
 
 
 class MetricsLog:
