@@ -1,6 +1,6 @@
 """One pydantic config tree for every command.
 
-Defaults are DINO's ViT-S/16 100-epoch recipe (ALGORITHMS.md §3); presets in `presets/*.toml`
+Defaults are DINO's ViT-S/16 100-epoch recipe (docs/algorithms.md §3); presets in `presets/*.toml`
 (package data `glsd_cli/presets`, see pyproject.toml) set only what differs.
 Overrides: `--set section.key=value` (values parsed as TOML, else string).
 """

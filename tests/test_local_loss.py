@@ -1,4 +1,4 @@
-"""Local distillation loss (ALGORITHMS.md §3) against an independent naive re-computation, and
+"""Local distillation loss (docs/algorithms.md §3) against an independent naive re-computation, and
 EsViT similarity matching (§2)."""
 from __future__ import annotations
 

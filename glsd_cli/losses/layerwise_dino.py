@@ -1,4 +1,4 @@
-"""SDSSL on the DINO / global-local method (ALGORITHMS.md §4, last paragraph).
+"""SDSSL on the DINO / global-local method (docs/algorithms.md §4, last paragraph).
 
 No published system combines the two, so this follows the spec literally and keeps the choices
 explicit:

@@ -1,4 +1,4 @@
-"""Local (dense) self-distillation loss of GLSD, and EsViT's similarity matching (ALGORITHMS.md §2–3).
+"""Local (dense) self-distillation loss of GLSD, and EsViT's similarity matching (docs/algorithms.md §2–3).
 
 For every pair (teacher global view t, student view s != t) and every student patch token i with
 match j(i) in view t (see :mod:`glsd_cli.geometry` or :func:`match_similarity`):
@@ -52,7 +52,7 @@ AUTO_CHUNK_MIB = 16
 
 @torch.no_grad()
 def match_similarity(student_tokens: Tensor, teacher_tokens: Tensor) -> Tensor:
-    """EsViT region matching (ALGORITHMS.md §2): for each student token, the teacher token of
+    """EsViT region matching (docs/algorithms.md §2): for each student token, the teacher token of
     highest cosine similarity between L2-normalised backbone output tokens. No hinge.
 
     ``(B, Ns, D)``, ``(B, Nt, D)`` -> long ``(B, Ns)``; ties go to the lower teacher index
@@ -115,7 +115,7 @@ class _SoftTargetCrossEntropy(torch.autograd.Function):
 
 
 class LocalDistillationLoss(nn.Module):
-    """GLSD local term with its own centre ``c_d`` (ALGORITHMS.md §3), chunked and checkpointed."""
+    """GLSD local term with its own centre ``c_d`` (docs/algorithms.md §3), chunked and checkpointed."""
 
     center: Tensor
 
@@ -148,7 +148,7 @@ class LocalDistillationLoss(nn.Module):
         ``student_z[v]``: (B, N_v, d) student bottleneck of view v; ``teacher_z[t]``: (B, N_t, d)
         teacher bottleneck of global view t (no gradient flows into it);
         ``matches[(t, s)] = (index (B, N_s) into view t's tokens, valid mask (B, N_s) or None)``.
-        The caller chooses the pairs (ALGORITHMS.md: every global t and every s != t).
+        The caller chooses the pairs (docs/algorithms.md §2: every global t and every s != t).
 
         The pairs of one student view share its tokens, so they are merged exactly (see the module
         docstring): each student token goes through the prototype layer and the log-softmax once, each
@@ -245,7 +245,7 @@ class LocalDistillationLoss(nn.Module):
     @torch.no_grad()
     def update_center(self, teacher_z: list[Tensor], teacher_last: nn.Module) -> None:
         """``c_d <- m c_d + (1 - m) mean of teacher logits`` over every token of every global view and
-        image, all-reduced across processes (ALGORITHMS.md §3; DINO's centre, applied per token)."""
+        image, all-reduced across processes (docs/algorithms.md §3; DINO's centre, applied per token)."""
         if not teacher_z:
             raise ValueError("teacher_z is empty")
         # Teacher tokens may be bf16 (made under autocast) while this runs outside autocast with the
