@@ -7,7 +7,7 @@ DEMO_OUT := runs
 # Passive OpenMP waiting: spinning threads starve the data workers on small CPUs (glsd_cli/__init__.py).
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: venv demo test test-slow test-all bench bench-lowdata clean
+.PHONY: venv demo test test-slow test-all wheel-check bench bench-lowdata clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ test-slow: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ""
 
+## The built wheel in a fresh environment outside the checkout: --version, presets, pretrain, knn-eval, export.
+wheel-check:
+	.ci/wheel_check
+
 ## Speed benchmarks: each prints figures and writes bench/results/*.json (not timed tests).
 bench: $(STAMP)
 	$(BIN)/python bench/local_overhead.py --preset tiny-geo
@@ -56,4 +60,4 @@ bench-lowdata: $(STAMP)
 	$(BIN)/python bench/lowdata.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache build dist

@@ -25,8 +25,18 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="overri
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda")]
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from glsd_cli import __version__
+
+        typer.echo(f"glsd {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _main(debug: Annotated[bool, typer.Option("--debug", help="show full tracebacks on errors")] = False) -> None:
+def _main(debug: Annotated[bool, typer.Option("--debug", help="show full tracebacks on errors")] = False,
+          version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True,
+                                                help="print glsd's version and exit")] = False) -> None:
     _state["debug"] = debug
 
 
@@ -124,9 +134,28 @@ def data_schemes() -> None:
     typer.echo(describe_schemes())
 
 
-def main() -> None:
+def _click_exceptions() -> tuple[type[Exception], type[Exception] | None]:
+    """(ClickException, NoArgsIsHelpError) of the click that typer runs on: typer 0.26 and later carry
+    their own copy (`typer._click`, which raises none of click's own classes), older releases use click."""
     try:
-        app(standalone_mode=False)
+        from typer._click import exceptions
+    except ImportError:
+        from click import exceptions
+    return exceptions.ClickException, getattr(exceptions, "NoArgsIsHelpError", None)
+
+
+def _usage_line(e: Exception) -> str:
+    """A usage error as one line: click's message (with its did-you-mean) and where the help is."""
+    ctx = getattr(e, "ctx", None)
+    where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    return f"error: {e.format_message()}{where}"
+
+
+def main() -> None:
+    click_exception, no_args_is_help = _click_exceptions()
+    try:
+        # prog_name: `python -m glsd_cli` (what torchrun launches) is `glsd` too, in help and error lines.
+        code = app(standalone_mode=False, prog_name="glsd")  # a typer.Exit(code) comes back as its code
     except GlsdError as e:
         if _state["debug"]:
             raise
@@ -135,15 +164,17 @@ def main() -> None:
     except KeyboardInterrupt as e:
         typer.echo(f"interrupted: {e}" if str(e) else "interrupted", err=True)
         sys.exit(130)
-    except Exception as e:  # click's own usage errors
-        import click
-
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(130)
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(2)
-        raise
+    except typer.Abort:
+        sys.exit(130)
+    except click_exception as e:  # typer's usage errors: unknown option or command, missing or bad value
+        if no_args_is_help is not None and isinstance(e, no_args_is_help):
+            if e.format_message():  # typer's rich help is printed already; plain click's is the message
+                e.show()
+        else:
+            typer.secho(_usage_line(e), err=True, fg=typer.colors.RED)
+        sys.exit(2)
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -1,21 +1,30 @@
 """One pydantic config tree for every command.
 
-Defaults are DINO's ViT-S/16 100-epoch recipe (ALGORITHMS.md §3); presets in `presets/*.toml`
-set only what differs. Overrides: `--set section.key=value` (values parsed as TOML, else string).
+Defaults are DINO's ViT-S/16 100-epoch recipe (docs/algorithms.md §3); presets in `presets/*.toml`
+(package data `glsd_cli/presets`, see pyproject.toml) set only what differs.
+Overrides: `--set section.key=value` (values parsed as TOML, else string).
 """
 from __future__ import annotations
 
 import difflib
 import json
-import tomllib
+import sys
+from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import TYPE_CHECKING, Any, Literal, Union
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the same parser, published as tomli before it joined the standard library in 3.11
+    import tomli as tomllib
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveInt, ValidationError
 
 from glsd_cli.errors import ConfigError
 
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
 DEFAULT_PRESET = "tiny-dino"
 
 Auto = Literal["auto"]
@@ -167,11 +176,16 @@ class Config(Section):
 # ---------------------------------------------------------------- presets and overrides
 
 
-def list_presets() -> dict[str, Path]:
-    return {p.stem: p for p in sorted(PRESETS_DIR.glob("*.toml"))}
+def list_presets() -> dict[str, Traversable]:
+    """The named presets shipped with glsd: the TOML files of the package `glsd_cli.presets`, found
+    through the import system, so an installed wheel, an editable install and a source tree on
+    PYTHONPATH each read their own."""
+    folder = resources.files("glsd_cli") / "presets"
+    files = [f for f in folder.iterdir() if f.name.endswith(".toml")] if folder.is_dir() else []
+    return {f.name[: -len(".toml")]: f for f in sorted(files, key=lambda f: f.name)}
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def _read_toml(path: Path | Traversable) -> dict[str, Any]:
     try:
         return tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:

@@ -1,4 +1,4 @@
-"""Geometry of multi-crop views: token centres and geometric token matching (ALGORITHMS.md §1–2).
+"""Geometry of multi-crop views: token centres and geometric token matching (docs/algorithms.md §1–2).
 
 Every view carries ``box = (top, left, height, width)`` in pixels of the ORIGINAL image (the order
 of torchvision's ``RandomResizedCrop.get_params``) and ``flipped`` (horizontal flip applied after
@@ -58,7 +58,7 @@ def _axis_centre(start: Tensor, size: Tensor, n: int, k: Tensor) -> Tensor:
 def token_centres(boxes: Tensor, flips: Tensor, grid: Grid) -> Tensor:
     """Centres ``(y, x)`` in original-image pixels of every token, row-major: ``(B, R*C, 2)``.
 
-    ALGORITHMS.md §1: ``u = C-1-c`` if flipped else ``c``; ``y = top + (r+0.5)*height/R``;
+    docs/algorithms.md §1: ``u = C-1-c`` if flipped else ``c``; ``y = top + (r+0.5)*height/R``;
     ``x = left + (u+0.5)*width/C``. Integer boxes are promoted to float64; float boxes keep
     their dtype.
     """
@@ -157,7 +157,7 @@ def match_geometric(
     teacher_grid: Grid,
     hinge: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """Nearest teacher token for every student token (GLSD geometric matching, ALGORITHMS.md §2).
+    """Nearest teacher token for every student token (GLSD geometric matching, docs/algorithms.md §2).
 
     Returns ``index`` long ``(B, Rs*Cs)``: row-major flat index into the teacher view's own
     (post-flip) token order; and ``valid`` bool ``(B, Rs*Cs)``: the hinge ``d^2 < max(D_t, D_s)``

@@ -4,7 +4,7 @@ For every student view s (globals first, then locals) and every global teacher v
 s's patch tokens is paired with one token of t:
 - geometric (GLSD, Lebailly & Tuytelaars 2023): the teacher token whose centre is nearest in the
   ORIGINAL image, dropped by the hinge when farther than a cell's half-diagonal (geometry.py holds the
-  pure per-pair function and its brute-force reference; ALGORITHMS.md §2);
+  pure per-pair function and its brute-force reference; docs/algorithms.md §2);
 - similarity (EsViT, Li et al. 2022): the teacher token of highest cosine similarity between backbone
   output tokens, never dropped.
 Both produce one `TokenMatches` table for the whole step, built without a loop over images or pairs,
@@ -150,7 +150,7 @@ def _cosine_similarities(student_tokens: Tensor, teacher_tokens: Tensor) -> Tens
 
 @torch.no_grad()
 def match_similarity(student_tokens: Tensor, teacher_tokens: Tensor) -> Tensor:
-    """EsViT region matching (ALGORITHMS.md §2) for one pair: for each student token, the teacher
+    """EsViT region matching (docs/algorithms.md §2) for one pair: for each student token, the teacher
     token of highest cosine similarity between L2-normalised backbone output tokens. No hinge.
 
     ``(B, Ns, D)``, ``(B, Nt, D)`` -> long ``(B, Ns)``; ties go to the lower teacher index

@@ -1,10 +1,16 @@
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from glsd_cli.config import Config, list_presets, parse_override, resolve
 from glsd_cli.errors import ConfigError
 from tests.cli_helpers import run_cli
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_every_preset_validates():
@@ -67,3 +73,21 @@ def test_help_lists_every_subcommand(capsys):
     assert code == 0
     for name in ("pretrain", "linear-eval", "knn-eval", "finetune", "export", "presets"):
         assert name in out
+
+
+def test_presets_come_from_the_imported_package():
+    """The presets of the glsd_cli that was imported (here: this source tree), every file of presets/."""
+    shipped = list_presets()
+    assert set(shipped) == {p.stem for p in (REPO / "presets").glob("*.toml")}
+    for name, file in shipped.items():
+        assert file.read_text() == (REPO / "presets" / f"{name}.toml").read_text()
+
+
+def test_source_tree_on_pythonpath_lists_its_presets(tmp_path):
+    """`PYTHONPATH=checkout python -m glsd_cli presets` from elsewhere reads that checkout's presets."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-m", "glsd_cli", "presets"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    listed = {line.split()[0] for line in result.stdout.splitlines() if line.strip()}
+    assert listed == {p.stem for p in (REPO / "presets").glob("*.toml")}

@@ -6,7 +6,7 @@ from glsd_cli.losses.dino import DINOLoss
 
 
 def direct_dino_loss(student, teacher, center, t_temp, s_temp):
-    """Re-computation from the formula with explicit loops (ALGORITHMS.md §3)."""
+    """Re-computation from the formula with explicit loops (docs/algorithms.md §3)."""
     total, pairs = 0.0, 0
     for t, gt in enumerate(teacher):
         for s, gs in enumerate(student):

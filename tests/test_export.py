@@ -79,55 +79,71 @@ def images(batch, size, seed=0):
 # ------------------------------------------------------------------ timm
 
 
+def record(folder: Path) -> dict:
+    return json.loads((folder / "glsd_export.json").read_text())
+
+
 @torch.no_grad()
 def test_timm_export_loads_strictly_and_gives_glsd_features(run_dir, backbones, tmp_path, capsys):
     out = tmp_path / "exp"
     code, stdout, err = run_cli(["export", str(run_dir), "--format", "timm", "--out", str(out)], capsys)
     assert code == 0, err
     assert "max |diff| = 0.0e+00" in stdout
-    assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json", "README.md"}
-    cfg = json.loads((out / "config.json").read_text())
-    assert cfg["architecture"] == "vit_tiny_patch16_224" and cfg["format"] == "timm"
-    assert cfg["model_kwargs"] == {"num_classes": 0, "img_size": 16, "patch_size": 4, "embed_dim": 48, "depth": 2,
-                                   "num_heads": 3, "dynamic_img_size": True}
-    assert cfg["input_size"] == [3, 16, 16] and cfg["preprocessing"]["mean"] == [0.485, 0.456, 0.406]
-    assert cfg["num_features"] == 48 and cfg["backbone"] == "teacher" and cfg["glsd_config"]["model"]["depth"] == 2
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json", "glsd_export.json", "README.md"}
+    kwargs = {"num_classes": 0, "img_size": 16, "patch_size": 4, "embed_dim": 48, "depth": 2, "num_heads": 3,
+              "dynamic_img_size": True}
+    # glsd's record, where timm does not look.
+    rec = record(out)
+    assert rec["architecture"] == "vit_tiny_patch16_224" and rec["format"] == "timm" and rec["model_kwargs"] == kwargs
+    assert rec["input_size"] == [3, 16, 16] and rec["preprocessing"]["mean"] == [0.485, 0.456, 0.406]
+    assert rec["num_features"] == 48 and rec["backbone"] == "teacher" and rec["glsd_config"]["model"]["depth"] == 2
+    assert rec["source"]["checkpoint"] == str(run_dir / "last.safetensors") and rec["check"]["max_abs_diff"] == 0
+    # timm's config.json, as timm's save_for_hf writes it.
+    timm_cfg = json.loads((out / "config.json").read_text())
+    assert timm_cfg["architecture"] == "vit_tiny_patch16_224" and timm_cfg["num_classes"] == 0
+    assert timm_cfg["num_features"] == 48
+    assert {k: timm_cfg["model_args"][k] for k in kwargs if k != "img_size"} == {k: v for k, v in kwargs.items()
+                                                                                 if k != "img_size"}
+    pretrained_cfg = timm_cfg["pretrained_cfg"]
+    assert pretrained_cfg["input_size"] == [3, 16, 16] and pretrained_cfg["crop_pct"] == 0.875
+    assert pretrained_cfg["mean"] == [0.485, 0.456, 0.406] and pretrained_cfg["std"] == [0.229, 0.224, 0.225]
+    assert "glsd_export" not in json.dumps(timm_cfg)
 
     reference = backbones["teacher"]
-    # The README's exact create_model call: timm's pretrained loader (strict) on the exported file.
-    via_timm = run_snippet(python_blocks(out / "README.md")[0])["model"]
-    # Plain PyTorch: build the architecture, load_state_dict(strict=True).
-    plain = timm.create_model(cfg["architecture"], pretrained=False, **cfg["model_kwargs"]).eval()
-    plain.load_state_dict(load_file(out / "model.safetensors"), strict=True)
-    readme_plain = run_snippet(python_blocks(out / "README.md")[1])["model"]
+    via_local_dir = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    data_cfg = timm.data.resolve_data_config({}, model=via_local_dir)
+    assert tuple(data_cfg["input_size"]) == (3, 16, 16) and tuple(data_cfg["mean"]) == (0.485, 0.456, 0.406)
+    assert data_cfg["interpolation"] == "bicubic"
+    # The README's snippets: timm's local-dir loader first, then plain load_state_dict(strict=True).
+    blocks = python_blocks(out / "README.md")
+    assert 'local-dir:' in blocks[0]
+    readme_local_dir = run_snippet(blocks[0])["model"]
+    readme_plain = run_snippet(blocks[1])["model"]
     for size in (16, 24):  # the training size and another one (dynamic position embeddings)
         x = images(3, size)
         expected = reference(x)
-        for model in (via_timm, plain, readme_plain):
+        for model in (via_local_dir, readme_local_dir, readme_plain):
             assert torch.equal(model(x), expected)
 
 
-def test_timm_loader_strictness_needs_num_classes_in_the_overlay(timm_dir, tmp_path):
-    """Why the README passes num_classes=0 in pretrained_cfg_overlay: without it timm loads non-strictly."""
-    cfg = json.loads((timm_dir / "config.json").read_text())
-    state = load_file(timm_dir / "model.safetensors")
+def test_timm_local_dir_loading_is_strict(timm_dir, tmp_path):
+    """What makes the export's check meaningful: timm's local-dir loader refuses a missing key."""
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for p in timm_dir.iterdir():
+        (damaged / p.name).write_bytes(p.read_bytes())
+    state = load_file(damaged / "model.safetensors")
     del state["norm.weight"]
-    damaged = tmp_path / "damaged.safetensors"
-    save_file(state, str(damaged))
+    save_file(state, str(damaged / "model.safetensors"))
     with pytest.raises(RuntimeError, match="norm.weight"):
-        timm.create_model(cfg["architecture"], pretrained=True,
-                          pretrained_cfg_overlay=dict(file=str(damaged), num_classes=0), **cfg["model_kwargs"])
-    # timm's default config says 1000 classes, so with num_classes=0 alone it relaxes to strict=False.
-    timm.create_model(cfg["architecture"], pretrained=True, pretrained_cfg_overlay=dict(file=str(damaged)),
-                      **cfg["model_kwargs"])
+        timm.create_model(f"local-dir:{damaged}", pretrained=True)
 
 
 @torch.no_grad()
 def test_student_export(run_dir, backbones, tmp_path):
     out = tmp_path / "student"
     assert export([str(run_dir), "--student", "--out", str(out)]) == 0
-    cfg = json.loads((out / "config.json").read_text())
-    assert cfg["backbone"] == "student"
+    assert record(out)["backbone"] == "student"
     model = run_snippet(python_blocks(out / "README.md")[0])["model"]
     x = images(2, 16)
     assert torch.equal(model(x), backbones["student"](x))
@@ -141,7 +157,7 @@ def test_layer_truncation_matches_per_block_features(run_dir, backbones, tmp_pat
     for layer, block in ((1, 0), (-1, 1)):
         out = tmp_path / f"layer{layer}"
         assert export([str(run_dir), "--layer", str(layer), "--out", str(out)]) == 0
-        cfg = json.loads((out / "config.json").read_text())
+        cfg = record(out)
         assert cfg["layer"] == block + 1 and cfg["num_blocks"] == block + 1
         assert cfg["model_kwargs"]["depth"] == block + 1
         assert set(load_file(out / "model.safetensors")) == set(
@@ -176,8 +192,9 @@ def test_onnx_round_trip_with_onnxruntime(run_dir, backbones, tmp_path, capsys):
     code, stdout, err = run_cli(["export", str(run_dir), "-f", "onnx", "--out", str(out)], capsys)
     assert code == 0, err
     assert re.search(r"max \|diff\| = \d\.\de-\d\d \(tolerance 1e-04\)", stdout)
-    cfg = json.loads((out / "config.json").read_text())
+    cfg = record(out)
     assert cfg["format"] == "onnx" and cfg["check"]["max_abs_diff"] <= 1e-4
+    assert {p.name for p in out.iterdir()} == {"model.onnx", "glsd_export.json", "README.md"}
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].name == "image" and session.get_inputs()[0].shape == ["batch", 3, 16, 16]
     x = images(5, 16, seed=7)  # a batch size the export never saw
@@ -321,8 +338,24 @@ def test_force_replaces_an_earlier_export_of_another_format(run_dir, timm_dir, t
     for p in timm_dir.iterdir():
         (out / p.name).write_bytes(p.read_bytes())
     assert export([str(run_dir), "-f", "onnx", "--force", "--out", str(out)]) == 0
-    assert {p.name for p in out.iterdir()} == {"model.onnx", "config.json", "README.md"}
-    assert json.loads((out / "config.json").read_text())["format"] == "onnx"
+    assert {p.name for p in out.iterdir()} == {"model.onnx", "glsd_export.json", "README.md"}  # timm's config.json is gone
+    assert record(out)["format"] == "onnx"
+
+
+@torch.no_grad()
+def test_layout_1_export_folder_is_still_read_and_replaced(run_dir, timm_dir, tmp_path):
+    """Exports written before glsd_export.json kept glsd's record in config.json."""
+    import glsd_cli
+
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in ("model.safetensors", "README.md"):
+        (old / name).write_bytes((timm_dir / name).read_bytes())
+    (old / "config.json").write_text(json.dumps({**record(timm_dir), "glsd_export": 1}))
+    x = images(2, 16)
+    assert torch.equal(glsd_cli.load_backbone(old)(x), glsd_cli.load_backbone(timm_dir)(x))
+    assert export([str(run_dir), "--out", str(old), "--force"]) == 0
+    assert record(old)["glsd_export"] == 2 and "pretrained_cfg" in json.loads((old / "config.json").read_text())
 
 
 # ------------------------------------------------------------------ every backbone glsd trains (slow)
@@ -356,7 +389,7 @@ def test_every_backbone_round_trips(arch, size, onnx_size, tmp_path):
     reference.model.load_state_dict({k[len(prefix):]: v for k, v in load_file(ckpt).items()})
     out = tmp_path / "timm"
     assert export([str(ckpt), "--out", str(out)]) == 0
-    cfg_json = json.loads((out / "config.json").read_text())
+    cfg_json = record(out)
     # Same keys and shapes as timm's stock model: public weights and these are interchangeable.
     stock = timm.create_model(arch, pretrained=False, num_classes=0).state_dict()
     exported = load_file(out / "model.safetensors")

@@ -1,4 +1,4 @@
-"""Token centres and geometric matching (ALGORITHMS.md §1–2), checked against hand-computed cases
+"""Token centres and geometric matching (docs/algorithms.md §1–2), checked against hand-computed cases
 and against the all-pairs brute force."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Local distillation loss (ALGORITHMS.md §3) against an independent naive re-computation, its memory
+"""Local distillation loss (docs/algorithms.md §3) against an independent naive re-computation, its memory
 plan, its low-precision path against float32, and EsViT similarity matching (§2)."""
 from __future__ import annotations
 

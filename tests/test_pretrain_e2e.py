@@ -51,3 +51,22 @@ def test_existing_run_is_not_overwritten(tmp_path, capsys):
     code, _, err = run_cli(args, capsys)
     assert code == 2 and "already holds a run" in err
     assert (tmp_path / "run" / "last.safetensors").read_bytes() == before
+
+
+def test_progress_in_a_log_is_plain_lines(tmp_path, capsys):
+    """stderr is not a terminal here (as under CI, SLURM or `nohup ... > log`): whole lines with the
+    step, epoch, loss, lr, throughput and ETA — the first logged step and every epoch's end."""
+    code, _, err = run_cli(["pretrain", "--out", str(tmp_path), "--name", "run", *_sets()], capsys)
+    assert code == 0, err
+    assert "━" not in err  # no bar drawn into the log
+    lines = [line for line in err.splitlines() if line.startswith("train step ")]
+    assert [line.split()[2] for line in lines] == ["1/6", "3/6", "6/6"]
+    logged = {r["step"]: r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())}
+    for line in lines:
+        step = int(line.split()[2].split("/")[0])
+        fields = line.split()
+        assert fields[fields.index("epoch") + 1] == f"{(step - 1) // 3 + 1}/2"
+        assert float(fields[fields.index("loss") + 1]) == round(logged[step]["loss"], 4)
+        assert float(fields[fields.index("lr") + 1]) == float(f"{logged[step]['lr']:.2e}")
+        assert fields[fields.index("img/s") - 1].isdigit() and "eta" in fields
+    assert lines[-1].endswith("eta 0:00:00")

@@ -1,9 +1,9 @@
-"""DINO multi-crop augmentation whose views carry their geometry (ALGORITHMS.md §1).
+"""DINO multi-crop augmentation whose views carry their geometry (docs/algorithms.md §1).
 
 Each view records `box = (top, left, height, width)` in pixels of the original image (the order of
 torchvision's `RandomResizedCrop.get_params`) and whether it was flipped after crop and resize.
 All randomness comes from a `torch.Generator` that the caller seeds from (seed, epoch, index), so a
-sample's views do not depend on the worker, the rank or what was drawn before (DESIGN.md).
+sample's views do not depend on the worker, the rank or what was drawn before (docs/design.md).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """DINO's photometric augmentation, per view, on the host or batched on the training device.
 
-DINO's recipe (Caron et al. 2021, `main_dino.DataAugmentationDINO`; ALGORITHMS.md §1), after the crop:
+DINO's recipe (Caron et al. 2021, `main_dino.DataAugmentationDINO`; docs/algorithms.md §1), after the crop:
 ColorJitter(0.4, 0.4, 0.2, 0.1) with p = 0.8 (its four operations in a random order), grayscale
 p = 0.2, Gaussian blur with σ ∈ [0.1, 2] (p by view), solarize at 128 (second global view, p = 0.2).
 

@@ -1,6 +1,6 @@
 """Frozen features of a backbone over a source: final CLS, or the CLS of any set of blocks.
 
-`FeatureRequest` names what one forward pass returns (ALGORITHMS.md §5): the final CLS, the CLS of
+`FeatureRequest` names what one forward pass returns (docs/algorithms.md §5): the final CLS, the CLS of
 chosen blocks (each through the backbone's shared final norm), and optionally the mean of the final
 patch tokens (DINO's `--avgpool_patchtokens`). The same request computes the features of a batch
 during augmented training and of a whole source during extraction, so both paths see one formula.

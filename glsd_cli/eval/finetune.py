@@ -1,6 +1,6 @@
 """`glsd finetune`: the pre-trained backbone plus a linear head, trained end to end (DeiT / BEiT recipe).
 
-Recipe (ALGORITHMS.md §5; MAE `main_finetune.py`, BEiT `run_class_finetuning.py`, DeiT `main.py`):
+Recipe (docs/algorithms.md §5; MAE `main_finetune.py`, BEiT `run_class_finetuning.py`, DeiT `main.py`):
 - AdamW (β 0.9, 0.999), weight decay 0.05 on weights only (not biases, norms, CLS or position embedding);
 - lr 5e-4 × batch / 256 (MAE's base lr), linear warm-up over 5 epochs, then cosine to 1e-6;
 - layer-wise lr decay 0.65: a parameter in layer i of L+2 gets lr × decay^(L+1-i), where the patch

@@ -22,7 +22,7 @@ from glsd_cli.eval.report import pct, print_table, result_paths, write_results
 from glsd_cli.eval.splits import open_labelled_pair
 from glsd_cli.methods import build_method
 
-HEADLINE_K = 20  # DINO's headline k (ALGORITHMS.md §5)
+HEADLINE_K = 20  # DINO's headline k (docs/algorithms.md §5)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""`glsd linear-eval`: linear probes on a frozen backbone, DINO's protocol (ALGORITHMS.md §5).
+"""`glsd linear-eval`: linear probes on a frozen backbone, DINO's protocol (docs/algorithms.md §5).
 
 Protocol (DINO `eval_linear.py`): features = the CLS of the last n blocks after the final norm,
 concatenated (n = 4 for ViT-S; ViT-B and wider: n = 1 plus the mean patch token); one linear layer

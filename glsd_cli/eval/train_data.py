@@ -1,7 +1,7 @@
 """Training images for classifiers on a frozen or fine-tuned backbone, augmented reproducibly.
 
 Each item's augmentation is a function of (seed, epoch, index) through `multicrop.sample_generator`
-(DESIGN.md principle 2), so runs repeat exactly whatever the number of loader workers.
+(docs/design.md principle 2), so runs repeat exactly whatever the number of loader workers.
 """
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
 """Export a trained backbone for downstream use (`glsd export`).
 
-Formats (all written to one folder with a config.json and a README.md):
-- timm:        the backbone as model.safetensors under timm's key names; loads strictly into
-               `timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=..., num_classes=0), **kwargs)`;
+Formats (all written to one folder with a glsd_export.json — what was exported, from which run, how
+it was checked — and a README.md):
+- timm:        timm's own folder format: model.safetensors under timm's key names and the config.json
+               timm writes, so `timm.create_model("local-dir:FOLDER", pretrained=True)` loads it strictly;
 - onnx:        model.onnx for one fixed input size and any batch, checked against PyTorch with onnxruntime;
 - safetensors: every tensor of the pre-training method (student, teacher, heads, centres) with its config.
 Each export checks itself before anything is moved into place (see files.py).

@@ -1,13 +1,15 @@
-"""config.json and README.md of an export folder: what it holds and the exact code that loads it."""
+"""glsd_export.json and README.md of an export folder: what it holds, where it came from, and the
+exact code that loads it; and the preprocessing a timm export's config.json declares."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Any
 
-from glsd_cli.export.spec import EXPORT_MARKER, BackboneSpec
+from glsd_cli.export.spec import EXPORT_FILE, EXPORT_MARKER, BackboneSpec
 
-LAYOUT_VERSION = 1
+# 2: glsd's record moved from config.json to glsd_export.json; a timm export's config.json is timm's.
+LAYOUT_VERSION = 2
 
 
 def _version() -> str:
@@ -31,8 +33,21 @@ def preprocessing(size: int) -> dict[str, Any]:
             "center_crop": size, "scale": "1/255", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
 
 
-def backbone_config(spec: BackboneSpec, fmt: str, weights: str, num_features: int, input_size: int,
-                    check: dict[str, Any], **extra: Any) -> dict[str, Any]:
+def timm_pretrained_cfg(size: int) -> dict[str, Any]:
+    """timm's pretrained_cfg fields for glsd's evaluation transform, written into config.json so that
+    `timm.data.resolve_data_config(model=...)` gives it. timm resizes to floor(size / crop_pct), glsd
+    to round(size·256/224): the same at 224 px (256) and for most sizes, one pixel apart for some."""
+    from glsd_cli.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
+
+    return {"input_size": (3, size, size), "interpolation": "bicubic", "crop_pct": 224 / 256, "crop_mode": "center",
+            "mean": tuple(IMAGENET_MEAN), "std": tuple(IMAGENET_STD), "num_classes": 0,
+            # the architecture's defaults describe timm's own weights: not these
+            "tag": None, "license": None}
+
+
+def export_record(spec: BackboneSpec, fmt: str, weights: str, num_features: int, input_size: int,
+                  check: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """glsd_export.json of a backbone export: what was exported, from which run, and how it was checked."""
     prep = preprocessing(input_size)
     return {
         EXPORT_MARKER: LAYOUT_VERSION, "format": fmt, "weights": weights,
@@ -67,28 +82,23 @@ def _preprocessing_text(size: int) -> str:
 
 def timm_readme(spec: BackboneSpec, out: Path, num_features: int) -> str:
     dir_line = f'DIR = "{out.resolve()}"  # this folder'
-    kw = _call_kwargs(spec.kwargs)
     size_note = ("any input size works: position embeddings are interpolated (dynamic_img_size=True)"
                  if spec.kwargs.get("dynamic_img_size") else
                  "inputs other than the build size are padded to whole windows (strict_img_size=False), as in training")
-    return f"""{_header(spec, "Backbone weights in timm's format", num_features)}
-Load it with timm's own loader (strict: every key must match):
+    return f"""{_header(spec, "Backbone weights (timm's own folder format)", num_features)}
+Load it with timm (1.0.16 or later), which reads the architecture, its arguments and the
+preprocessing from config.json and loads model.safetensors strictly:
 
 ```python
 import timm
 
 {dir_line}
-model = timm.create_model(
-    {spec.arch!r},
-    pretrained=True,
-    pretrained_cfg_overlay=dict(file=f"{{DIR}}/model.safetensors", num_classes=0),
-    {kw},
-).eval()
+model = timm.create_model(f"local-dir:{{DIR}}", pretrained=True).eval()
 ```
 
 `features = model(images)` gives a (batch, {num_features}) tensor; {size_note}.
-`num_classes=0` in `pretrained_cfg_overlay` matters: timm switches to a non-strict load when the
-model's `num_classes` differs from the pretrained config's, which would hide missing keys.
+`timm.data.resolve_data_config(model=model)` gives the preprocessing below. The same folder pushed
+to the Hugging Face Hub loads with `timm.create_model("hf-hub:USER/REPO", pretrained=True)`.
 
 Or without timm's loader:
 
@@ -97,14 +107,15 @@ import timm
 from safetensors.torch import load_file
 
 {dir_line}
-model = timm.create_model({spec.arch!r}, pretrained=False, {kw}).eval()
+model = timm.create_model({spec.arch!r}, pretrained=False, {_call_kwargs(spec.kwargs)}).eval()
 model.load_state_dict(load_file(f"{{DIR}}/model.safetensors"), strict=True)
 ```
 
 Or with glsd: `glsd_cli.load_backbone(DIR)`; `glsd_cli.extract_features(DIR, "path/to/images")`.
 
 {_preprocessing_text(spec.image_size)}
-config.json holds the architecture, the kwargs above, the preprocessing and the run's glsd config.
+{EXPORT_FILE} (timm ignores it) holds glsd's record: the run's config, the checkpoint the weights
+came from and the check made at export.
 """
 
 

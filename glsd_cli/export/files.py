@@ -2,11 +2,12 @@
 
 Rules (so that an export never loses what is already on disk):
 - a non-empty folder is refused unless --force;
-- even with --force, files named like an export's (model.*, config.json, README.md) are replaced
-  only when the folder's config.json says glsd export wrote them — a run directory, whose
-  config.json is the run's, is always refused; other files in the folder are left alone;
-- files are written as hidden temporaries first; a failed check deletes them and leaves the folder
-  as it was (and removes it again if the export created it).
+- even with --force, files named like an export's (model.*, config.json, glsd_export.json,
+  README.md) are replaced only when the folder's glsd_export.json says glsd export wrote them — a
+  run directory, whose config.json is the run's, is always refused; other files are left alone;
+- files are written under their final names into a hidden staging folder inside the out folder
+  first, so the checks load exactly what users will (timm's `local-dir:` reads a folder); a failed
+  check deletes it and leaves the folder as it was (and removes it again if the export created it).
 """
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ import shutil
 from pathlib import Path
 
 from glsd_cli.errors import GlsdError
-from glsd_cli.export.spec import read_export_config
+from glsd_cli.export.spec import EXPORT_FILE, read_export_config
 
-EXPORT_FILES = ("model.safetensors", "model.onnx", "config.json", "README.md")
+EXPORT_FILES = ("model.safetensors", "model.onnx", "config.json", EXPORT_FILE, "README.md")
 
 
 def check_out_dir(out: Path, force: bool) -> bool:
@@ -38,21 +39,21 @@ def check_out_dir(out: Path, force: bool) -> bool:
 
 
 class Staging:
-    """Collects an export's files as temporaries in `out`; `commit()` moves them to their names."""
+    """Collects an export's files in a hidden folder inside `out`; `commit()` moves them into `out`."""
 
     def __init__(self, out: Path, force: bool):
         self.out = Path(out)
         self.replaces_export = check_out_dir(self.out, force)
         self.created = not self.out.exists()
-        self.staged: dict[str, Path] = {}
+        self.folder = self.out / f".glsd-export-{os.getpid()}"  # same file system: the moves are renames
+        self.staged: list[str] = []
 
     def path(self, name: str) -> Path:
-        """Where to write `name` for now; the suffix is kept (timm picks its loader by extension)."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        stem, dot, ext = name.rpartition(".")
-        tmp = self.out / f".{stem}.tmp-{os.getpid()}{dot}{ext}"
-        self.staged[name] = tmp
-        return tmp
+        """Where to write `name` for now: the staging folder, under its final name."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if name not in self.staged:
+            self.staged.append(name)
+        return self.folder / name
 
     def write_bytes(self, name: str, data: bytes) -> None:
         self.path(name).write_bytes(data)
@@ -61,23 +62,22 @@ class Staging:
         self.write_bytes(name, (json.dumps(obj, indent=2) + "\n").encode())
 
     def commit(self) -> list[str]:
-        """Move the staged files in (weights first, config.json last: a folder with a config.json is
+        """Move the staged files in (weights first, glsd_export.json last: a folder with it is
         complete), and drop an earlier export's files this one does not rewrite."""
-        order = sorted(self.staged, key=lambda n: (n == "config.json", n))
+        order = sorted(self.staged, key=lambda n: (n == EXPORT_FILE, n))
         for name in order:
-            os.replace(self.staged[name], self.out / name)
+            os.replace(self.folder / name, self.out / name)
         if self.replaces_export:
             for name in EXPORT_FILES:
                 if name not in self.staged:
                     (self.out / name).unlink(missing_ok=True)
-        written = list(order)
-        self.staged = {}
-        return written
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.staged = []
+        return order
 
     def discard(self) -> None:
-        for tmp in self.staged.values():
-            tmp.unlink(missing_ok=True)
-        self.staged = {}
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.staged = []
         if self.created and self.out.is_dir() and not any(self.out.iterdir()):
             shutil.rmtree(self.out, ignore_errors=True)
 

@@ -21,7 +21,7 @@ from torch import nn
 from glsd_cli.errors import GlsdError
 from glsd_cli.export import describe
 from glsd_cli.export.files import Staging
-from glsd_cli.export.spec import BackboneSpec, build_timm_model, random_images, reference_backbone
+from glsd_cli.export.spec import EXPORT_FILE, BackboneSpec, build_timm_model, random_images, reference_backbone
 from glsd_cli.export.weights import max_abs_diff
 
 OPSET = 17  # LayerNormalization is a single op from 17; every current onnxruntime runs it
@@ -88,7 +88,7 @@ def export_onnx(spec: BackboneSpec, staging: Staging, image_size: int | None, to
     check = {"max_abs_diff": diff, "tolerance": tolerance, "num_inputs": sum(CHECK_BATCHES),
              "how": "onnxruntime (CPU) vs glsd's PyTorch backbone on random inputs, batches " +
                     ", ".join(map(str, CHECK_BATCHES))}
-    staging.write_json("config.json", describe.backbone_config(
+    staging.write_json(EXPORT_FILE, describe.export_record(
         spec, "onnx", "model.onnx", num_features, size, check, opset=OPSET,
         input={"name": "image", "shape": ["batch", 3, size, size], "dtype": "float32"},
         output={"name": "features", "shape": ["batch", num_features], "dtype": "float32"}))

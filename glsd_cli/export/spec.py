@@ -22,7 +22,8 @@ from glsd_cli.engine.checkpoint import load_state_strict, read_checkpoint, resol
 from glsd_cli.errors import CheckpointError, GlsdError
 from glsd_cli.models.backbone import timm_kwargs
 
-EXPORT_MARKER = "glsd_export"   # key of an export folder's config.json (its value: the layout version)
+EXPORT_FILE = "glsd_export.json"  # what glsd wrote into an export folder, and from what (timm ignores it)
+EXPORT_MARKER = "glsd_export"      # key of that file holding the layout version
 WHICH = ("teacher", "student")
 BACKBONE_KINDS = ("pretrain", "export-full", "export-timm")
 
@@ -63,15 +64,19 @@ class BackboneSpec:
 
 
 def read_export_config(folder: Path) -> dict[str, Any] | None:
-    """The config.json of an export folder, or None when the folder is not one (e.g. a run directory)."""
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) and EXPORT_MARKER in data else None
+    """The glsd_export.json of an export folder, or None when the folder is not one (e.g. a run
+    directory). Exports of layout 1 kept it as config.json, where timm's config now goes."""
+    for name in (EXPORT_FILE, "config.json"):
+        path = Path(folder) / name
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if isinstance(data, dict) and EXPORT_MARKER in data:
+            return data
+    return None
 
 
 def locate(path: str | Path) -> Path:

@@ -12,7 +12,8 @@ from glsd_cli.engine.checkpoint import load_state_strict, read_checkpoint, save_
 from glsd_cli.errors import CheckpointError, GlsdError
 from glsd_cli.export import describe
 from glsd_cli.export.files import Staging
-from glsd_cli.export.spec import BackboneSpec, locate, random_images, reference_backbone
+from glsd_cli.export.spec import (EXPORT_FILE, BackboneSpec, build_timm_model, locate, random_images,
+                                  reference_backbone)
 
 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -21,29 +22,39 @@ def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max())
 
 
-def load_with_timm(spec: BackboneSpec, file: Path) -> torch.nn.Module:
-    """The user's path, exactly as the README writes it: timm's pretrained loader on `file`."""
+def load_with_timm(folder: Path) -> torch.nn.Module:
+    """The user's path, exactly as the README writes it: `timm.create_model("local-dir:...", pretrained=True)`."""
     import timm
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = timm.create_model(spec.arch, pretrained=True,
-                                      pretrained_cfg_overlay=dict(file=str(file), num_classes=0), **spec.kwargs)
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise GlsdError(f"timm cannot load the exported weights strictly: {str(e).splitlines()[0]}") from None
+            model = timm.create_model(f"local-dir:{folder}", pretrained=True)
+    except (RuntimeError, ValueError, KeyError, TypeError, FileNotFoundError) as e:
+        raise GlsdError(f"timm cannot load the export folder strictly: {str(e).splitlines()[0]}") from None
     return model.eval()
+
+
+def write_timm_config(spec: BackboneSpec, path: Path) -> None:
+    """config.json as timm writes it for its own folders (`save_config_for_hf`, what `push_to_hf_hub`
+    uses): architecture, num_classes, num_features, model_args and the pretrained_cfg with glsd's
+    preprocessing."""
+    from timm.models._hub import save_config_for_hf
+
+    model = build_timm_model(spec, pretrained_cfg_overlay=describe.timm_pretrained_cfg(spec.image_size))
+    save_config_for_hf(model, Path(path), model_args=dict(spec.kwargs))
 
 
 @torch.no_grad()
 def export_timm(spec: BackboneSpec, staging: Staging, tolerance: float) -> dict:
-    tmp = staging.path("model.safetensors")
     info = {"architecture": spec.arch, "model_kwargs": spec.kwargs, "image_size": spec.image_size,
             "which": spec.which, "layer": spec.layer, "source": describe.source_summary(spec)}
-    # glsd metadata rides along (timm ignores it), so the file alone is enough for load_backbone.
-    save_tensors(tmp, spec.state, {"kind": "export-timm", "config": spec.config.to_json(), "export": json.dumps(info)})
+    # glsd metadata rides along in the weights (timm ignores it), so the file alone is enough for load_backbone.
+    save_tensors(staging.path("model.safetensors"), spec.state,
+                 {"kind": "export-timm", "config": spec.config.to_json(), "export": json.dumps(info)})
+    write_timm_config(spec, staging.path("config.json"))
 
-    model = load_with_timm(spec, tmp)
+    model = load_with_timm(staging.folder)
     x = random_images(2, spec.image_size)
     ours, theirs = reference_backbone(spec)(x), model(x)
     diff = max_abs_diff(ours, theirs)
@@ -52,13 +63,12 @@ def export_timm(spec: BackboneSpec, staging: Staging, tolerance: float) -> dict:
                         "nothing was written")
     num_features = int(theirs.shape[-1])
     check = {"max_abs_diff": diff, "tolerance": tolerance, "num_inputs": 2,
-             "how": "timm.create_model(pretrained=True, pretrained_cfg_overlay=file) vs glsd's Backbone"}
-    staging.write_json("config.json", describe.backbone_config(
-        spec, "timm", "model.safetensors", num_features, spec.image_size, check,
-        pretrained_cfg_overlay={"num_classes": 0}))
+             "how": 'timm.create_model("local-dir:<export>", pretrained=True) vs glsd\'s Backbone'}
+    staging.write_json(EXPORT_FILE, describe.export_record(
+        spec, "timm", "model.safetensors", num_features, spec.image_size, check))
     staging.write_bytes("README.md", describe.timm_readme(spec, staging.out, num_features).encode())
     return {"num_features": num_features, "max_abs_diff": diff,
-            "summary": f"timm strict load checked against glsd's backbone: max |diff| = {diff:.1e}"}
+            "summary": f"timm local-dir strict load checked against glsd's backbone: max |diff| = {diff:.1e}"}
 
 
 def read_full(path: str | Path) -> tuple[Path, dict[str, torch.Tensor], dict[str, str]]:
@@ -87,7 +97,7 @@ def export_full(file: Path, model: dict[str, torch.Tensor], meta: dict[str, str]
     load_state_strict(build_method(cfg), sub_dict(back, "model/"), f"the full export of {file}")
 
     position = json.loads(meta.get("position") or "null")
-    staging.write_json("config.json", {
+    staging.write_json(EXPORT_FILE, {
         describe.EXPORT_MARKER: describe.LAYOUT_VERSION, "format": "safetensors", "weights": "model.safetensors",
         "kind": "export-full", "architecture": cfg.model.arch, "method": cfg.method.name,
         "num_tensors": len(model), "key_prefix": "model/",

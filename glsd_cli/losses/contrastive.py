@@ -1,4 +1,4 @@
-"""Two-view contrastive / regression losses and their SDSSL layer-wise versions (ALGORITHMS.md §4).
+"""Two-view contrastive / regression losses and their SDSSL layer-wise versions (docs/algorithms.md §4).
 
 Layout conventions (all functions): two views per image, v in {0, 1}; every per-view tensor is the
 LOCAL slice (B, D) of this process, row i = image i of the local batch. Global batch N = world * B;
@@ -83,7 +83,7 @@ def nt_xent(z0: Tensor, z1: Tensor, temperature: float = 0.2) -> Tensor:
 
 def sd_simclr_layer_loss(h0: Tensor, h1: Tensor, f0: Tensor, f1: Tensor,
                          temperature: float = 0.2) -> Tensor:
-    """SD-SimCLR term of one intermediate layer (SDSSL §3.2, ALGORITHMS §4).
+    """SD-SimCLR term of one intermediate layer (SDSSL §3.2, docs/algorithms.md §4).
 
     h0, h1: layer-l projections (B, D) of view 0 / 1 (queries, with gradient). f0, f1: the same
     network's FINAL projections (B, D) of view 0 / 1, used as stop-gradient keys. For query (i, v):
@@ -149,7 +149,7 @@ def _teacher_final(teacher_out: TeacherOutputs | None) -> list[Tensor]:
 
 
 class LayerwiseContrastiveLoss(nn.Module):
-    """Baseline and SDSSL losses for SimCLR, BYOL and MoCo v3 (ALGORITHMS §4).
+    """Baseline and SDSSL losses for SimCLR, BYOL and MoCo v3 (docs/algorithms.md §4).
 
     ``L = L_final + sd_weight * mean_{l in distilled} L_l (+ L_pred_only)``, where for
     - simclr: L_final = NT-Xent of the final projections; L_l = ``sd_simclr_layer_loss``.

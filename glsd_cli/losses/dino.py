@@ -1,4 +1,4 @@
-"""DINO's global self-distillation loss with centring and sharpening (ALGORITHMS.md §3).
+"""DINO's global self-distillation loss with centring and sharpening (docs/algorithms.md §3).
 
 For every pair (teacher view t global, student view s ≠ t):
     CE = -Σ_k softmax((g_t - c) / τ_t)_k · log_softmax(g_s / τ_s)_k,

@@ -1,4 +1,4 @@
-"""SDSSL on the DINO / global-local method (ALGORITHMS.md §4, last paragraph): the per-layer terms.
+"""SDSSL on the DINO / global-local method (docs/algorithms.md §4, last paragraph): the per-layer terms.
 
 No published system combines the two, so this follows the spec literally and keeps the choices
 explicit (methods/layerwise.py says why each was made):

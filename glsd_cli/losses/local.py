@@ -1,4 +1,4 @@
-"""Local (dense) self-distillation loss of GLSD (ALGORITHMS.md §3).
+"""Local (dense) self-distillation loss of GLSD (docs/algorithms.md §3).
 
 For every pair (teacher global view t, student view s != t) and every student patch token i with
 match j(i) in view t (glsd_cli/matching.py: geometric or similarity):
@@ -165,7 +165,7 @@ class _SoftTargetCrossEntropy(torch.autograd.Function):
 
 
 class LocalDistillationLoss(nn.Module):
-    """GLSD local term with its own centre ``c_d`` (ALGORITHMS.md §3), chunked by a memory plan."""
+    """GLSD local term with its own centre ``c_d`` (docs/algorithms.md §3), chunked by a memory plan."""
 
     center: Tensor
 
@@ -248,7 +248,7 @@ class LocalDistillationLoss(nn.Module):
     @torch.no_grad()
     def update_center(self, teacher_z: Tensor, teacher_last: nn.Module) -> None:
         """``c_d <- m c_d + (1 - m) mean of teacher logits`` over every token of every global view and
-        image (``teacher_z`` (..., d)), all-reduced across processes (ALGORITHMS.md §3; DINO's centre,
+        image (``teacher_z`` (..., d)), all-reduced across processes (docs/algorithms.md §3; DINO's centre,
         applied per token)."""
         # Teacher tokens may be bf16 (made under autocast) while this runs outside autocast with the
         # layer's own (fp32) weights: feed the layer its parameters' dtype.

@@ -4,7 +4,7 @@
 - "none": plain DINO (Caron et al. 2021);
 - "geometric": GLSD (Lebailly & Tuytelaars 2023) — tokens paired by their position in the image;
 - "similarity": EsViT's region loss (Li et al. 2022) — tokens paired by feature similarity.
-L = (1 − w)·L_global + w·L_local (ALGORITHMS.md §3).
+L = (1 − w)·L_global + w·L_local (docs/algorithms.md §3).
 `method.sd.enabled` adds SDSSL's layer terms: L + λ(t)·mean_l L_l (methods/layerwise.py).
 
 One step, top to bottom (`training_step`): the teacher sees the global views and its targets are made

@@ -1,4 +1,4 @@
-"""What SDSSL's intermediate-layer self-distillation shares across methods (ALGORITHMS.md §4).
+"""What SDSSL's intermediate-layer self-distillation shares across methods (docs/algorithms.md §4).
 
 - `resolve_distilled_layers`: `method.sd.layers` → 0-based blocks (never the final one: it is the target);
 - `sd_weight_schedule`: λ(t) = r·(1 − cos(πt/T))/2 per iteration, as the engine's 'sd_weight' schedule;

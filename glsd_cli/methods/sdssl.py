@@ -1,6 +1,6 @@
 """SimCLR, BYOL and MoCo v3 on a ViT, with or without SDSSL's intermediate-layer self-distillation.
 
-`method.name` picks the loss, `method.sd` the distillation (ALGORITHMS.md §4; Jang et al., WACV 2023):
+`method.name` picks the loss, `method.sd` the distillation (docs/algorithms.md §4; Jang et al., WACV 2023):
     L = L_final + λ(t) · mean_{l distilled} L_l (+ the predictor-only term, BYOL / MoCo v3)
 with λ(t) = r·(1 − cos(πt/T))/2 (the engine's 'sd_weight' schedule). The losses themselves live in
 losses/contrastive.py and the heads in models/projectors.py; this module wires them to the engine:
@@ -93,7 +93,7 @@ class SelfDistilledSSL(Method):
 
         SimCLR gets the same recipe rather than its own (stronger jitter, blur p = 0.5 on both): the
         comparison is SD vs no SD under one augmentation, as SDSSL's reference code uses one
-        augmentation for all three methods (ALGORITHMS.md §4 names only the BYOL/MoCo v3 one)."""
+        augmentation for all three methods (docs/algorithms.md §4 names only the BYOL/MoCo v3 one)."""
         d = self.cfg.data
         return MultiCrop(d.global_crop_size, d.local_crop_size, 0, tuple(d.global_crop_scale), color=d.color_jitter)
 

@@ -33,7 +33,7 @@ def timm_kwargs(cfg: ModelConfig, img_size: int) -> dict:
         if getattr(cfg, key) is not None:
             kwargs[key] = getattr(cfg, key)
     if cfg.arch.startswith("swin"):
-        kwargs["strict_img_size"] = False  # 96-px local views on a 224-px model (ALGORITHMS §1)
+        kwargs["strict_img_size"] = False  # 96-px local views on a 224-px model (docs/algorithms.md §1)
     else:
         kwargs["dynamic_img_size"] = True  # interpolate position embeddings for any view size
     return kwargs

@@ -1,4 +1,4 @@
-"""Projection / prediction MLPs and the per-layer heads of SDSSL (ALGORITHMS.md §4).
+"""Projection / prediction MLPs and the per-layer heads of SDSSL (docs/algorithms.md §4).
 
 Sources:
 - MoCo v3 (facebookresearch/moco-v3, ``moco/builder.py``, ``MoCo._build_mlp`` and
