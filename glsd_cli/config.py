@@ -11,14 +11,14 @@ import json
 import sys
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # the same parser, published as tomli before it joined the standard library in 3.11
     import tomli as tomllib
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveInt, ValidationError, model_validator
 
 from glsd_cli.errors import ConfigError
 
@@ -106,6 +106,9 @@ class SDConfig(Section):
     enabled: bool = Field(False, description="self-distil intermediate layers toward the final layer (SDSSL)")
     layers: list[int] | Literal["all"] = Field("all", description="0-based blocks to distil; 'all' = every block but the last")
     ratio: float = Field(0.8, ge=0, description="r of the ramp λ(t) = r·(1 - cos(πt/T))/2")
+
+
+class ContrastiveSDConfig(SDConfig):
     predictor_only_term: bool = Field(True, description="BYOL/MoCo v3: also train every predictor on detached projections")
 
 
@@ -119,13 +122,29 @@ class ContrastiveConfig(Section):
     sincos_pos_embed: bool = Field(False, description="MoCo v3: fixed 2-D sin-cos position embeddings")
 
 
-class MethodConfig(Section):
-    name: Literal["dino", "simclr", "byol", "mocov3"] = Field(
+class DinoMethodConfig(Section):
+    """DINO's global self-distillation, with GLSD's or EsViT's local loss and SDSSL's layer terms."""
+
+    name: Literal["dino"] = Field(
         "dino", description="dino: global(-local) self-distillation; simclr/byol/mocov3: SDSSL's two-view methods")
     loss: DinoLossConfig = Field(default_factory=DinoLossConfig)
     local: LocalConfig = Field(default_factory=LocalConfig)
     sd: SDConfig = Field(default_factory=SDConfig)
+
+
+class ContrastiveMethodConfig(Section):
+    """SDSSL's two-view methods (SimCLR, BYOL, MoCo v3), with or without self-distillation."""
+
+    name: Literal["simclr", "byol", "mocov3"]
+    sd: ContrastiveSDConfig = Field(default_factory=ContrastiveSDConfig)
     contrastive: ContrastiveConfig = Field(default_factory=ContrastiveConfig)
+
+
+# The method section holds the settings of the chosen method only (pydantic picks the model by
+# `name`), so a setting that method would ignore is refused, not silently accepted.
+MethodConfig = Annotated[Union[DinoMethodConfig, ContrastiveMethodConfig], Field(discriminator="name")]
+METHOD_MODELS = {"dino": DinoMethodConfig, "simclr": ContrastiveMethodConfig, "byol": ContrastiveMethodConfig,
+                 "mocov3": ContrastiveMethodConfig}
 
 
 class OptimConfig(Section):
@@ -161,9 +180,32 @@ class Config(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     head: HeadConfig = Field(default_factory=HeadConfig)
-    method: MethodConfig = Field(default_factory=MethodConfig)
+    method: MethodConfig = Field(default_factory=DinoMethodConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     run: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dino_unless_named(cls, data: Any) -> Any:
+        """A method section without a name is DINO's (the default method)."""
+        if isinstance(data, dict) and isinstance(data.get("method"), dict) and "name" not in data["method"]:
+            data = {**data, "method": {"name": "dino", **data["method"]}}
+        return data
+
+    @model_validator(mode="after")
+    def _two_view_methods_use_no_dino_settings(self) -> "Config":
+        """A two-view method ignores the DINO head and local crops: refuse them instead."""
+        name = self.method.name
+        if name == "dino":
+            return self
+        changed = [f"head.{k}" for k, v in self.head if v != HeadConfig.model_fields[k].default]
+        if self.data.num_local_crops:
+            changed.append("data.num_local_crops")
+        if changed:
+            raise ValueError(f"method '{name}' uses two global views and its own projector, not "
+                             f"{' or '.join(changed)}: leave {'them' if len(changed) > 1 else 'it'} at "
+                             f"the default{' (0 local crops)' if 'data.num_local_crops' in changed else ''}")
+        return self
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)
@@ -230,11 +272,17 @@ def _preset_file_dict(name_or_path: str) -> dict[str, Any]:
 
 
 def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every dotted key of a config model (both methods' keys for the method section)."""
     keys = []
     for name, field in model.model_fields.items():
         ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            keys += _known_keys(ann, f"{prefix}{name}.")
+        if ann is not None and get_origin(ann) is Annotated:
+            ann = get_args(ann)[0]
+        members = get_args(ann) if get_origin(ann) is Union else (ann,)
+        models = [m for m in members if isinstance(m, type) and issubclass(m, BaseModel)]
+        if models:
+            for m in models:
+                keys += [k for k in _known_keys(m, f"{prefix}{name}.") if k not in keys]
         else:
             keys.append(prefix + name)
     return keys
@@ -253,10 +301,33 @@ def validate(data: dict[str, Any], source: str) -> Config:
         return Config.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        key = ".".join(str(p) for p in err["loc"] if not isinstance(p, int) or len(err["loc"]) == 1)
+        loc = list(err["loc"])
+        method = None
+        if loc[:1] == ["method"] and len(loc) > 1 and loc[1] in METHOD_MODELS:
+            method = loc.pop(1)  # the union's tag: which method's section was being validated
+        key = ".".join(str(p) for p in loc if not isinstance(p, int) or len(loc) == 1)
         if err["type"] == "extra_forbidden":
+            if method is not None and key.count(".") >= 1 and _is_method_key(key):
+                raise ConfigError(f"{source}: method '{method}' does not use '{key}' (a setting of "
+                                  f"{_methods_using(key)}): remove it, or choose that method") from None
             raise ConfigError(f"{source}: unknown key '{key}'.{_suggest(key)}") from None
+        if err["type"] == "union_tag_invalid":
+            raise ConfigError(f"{source}: method.name: expected one of {', '.join(METHOD_MODELS)} "
+                              f"(got {err.get('input', {}).get('name')!r})") from None
+        if err["type"] == "value_error" and not loc:
+            raise ConfigError(f"{source}: {str(err['msg']).removeprefix('Value error, ')}") from None
         raise ConfigError(f"{source}: {key}: {err['msg']} (got {err.get('input')!r})") from None
+
+
+def _is_method_key(key: str) -> bool:
+    return any(k == key or k.startswith(key + ".") for k in _known_keys(Config))
+
+
+def _methods_using(key: str) -> str:
+    names = [n for n, model in METHOD_MODELS.items()
+             if any(k == key.removeprefix("method.") or k.startswith(key.removeprefix("method.") + ".")
+                    for k in _known_keys(model))]
+    return "method " + " / ".join(f"'{n}'" for n in names)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

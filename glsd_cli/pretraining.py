@@ -36,9 +36,9 @@ def prepare(cfg: Config, num_images: int) -> tuple[Config, dict[str, object]]:
     method = cfg.method
     if cfg.head.out_dim == "auto":
         cfg.head.out_dim = resolved["head.out_dim"] = sizes["out_dim"]
-    if method.local.out_dim == "auto":
+    if method.name == "dino" and method.local.out_dim == "auto":
         method.local.out_dim = resolved["method.local.out_dim"] = sizes["out_dim"]
-    if method.loss.teacher_temp == "auto":
+    if method.name == "dino" and method.loss.teacher_temp == "auto":
         method.loss.teacher_temp = resolved["method.loss.teacher_temp"] = sizes["teacher_temp"]
     if cfg.optim.momentum_teacher == "auto":
         cfg.optim.momentum_teacher = resolved["optim.momentum_teacher"] = sizes["momentum_teacher"]

@@ -91,3 +91,25 @@ def test_source_tree_on_pythonpath_lists_its_presets(tmp_path):
     assert result.returncode == 0, result.stderr
     listed = {line.split()[0] for line in result.stdout.splitlines() if line.strip()}
     assert listed == {p.stem for p in (REPO / "presets").glob("*.toml")}
+
+
+@pytest.mark.parametrize("preset,setting,method,key", [
+    ("tiny-simclr-sd", 'method.local.matching="geometric"', "simclr", "method.local"),
+    ("tiny-simclr-sd", "method.loss.koleo_weight=0.5", "simclr", "method.loss"),
+    ("tiny-byol-sd", "head.out_dim=7", "byol", "head.out_dim"),
+    ("tiny-mocov3-sd", "data.num_local_crops=4", "mocov3", "data.num_local_crops"),
+    ("tiny-geo", "method.contrastive.temperature=0.1", "dino", "method.contrastive"),
+    ("tiny-geo", "method.sd.predictor_only_term=false", "dino", "method.sd.predictor_only_term"),
+])
+def test_a_setting_the_method_ignores_is_refused_with_one_line(tmp_path, capsys, preset, setting, method, key):
+    code, out, err = run_cli(["pretrain", "--preset", preset, "--set", setting, "--out", str(tmp_path)], capsys)
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert f"method '{method}'" in err and key in err
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_each_method_config_round_trips_through_a_checkpoints_json():
+    for name in ("tiny-geo", "tiny-simclr-sd", "tiny-byol-sd"):
+        cfg = resolve(name)
+        again = Config.from_json(cfg.to_json())
+        assert again == cfg and type(again.method) is type(cfg.method)

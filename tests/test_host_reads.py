@@ -19,7 +19,7 @@ from glsd_cli.data.synthetic import SyntheticTextures
 from glsd_cli.engine.optim import adamw, param_groups
 from glsd_cli.pretraining import build_pretraining, build_schedules
 from glsd_cli.engine.trainer import Trainer
-from tests.conftest import TINY_OVERRIDES
+from tests.conftest import TINY_COMMON, TINY_OVERRIDES
 
 READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "__format__", "__array__"}
 
@@ -38,11 +38,12 @@ class CountReads(TorchFunctionMode):
 @pytest.mark.parametrize("extra", [
     ['method.local.matching="geometric"', "method.sd.enabled=true"],
     ['method.local.matching="similarity"', 'method.loss.centering="sinkhorn"', "method.loss.koleo_weight=0.1"],
-    ['method.name="byol"', "method.sd.enabled=true"],
+    ["byol"],
 ], ids=["geo-sd", "sim-sinkhorn-koleo", "byol-sd"])
 def test_a_step_reads_the_device_once_and_a_log_step_twice(monkeypatch, extra):
     monkeypatch.setattr(geometry, "reading_is_free", lambda device: False)
-    cfg = resolve("tiny-dino", TINY_OVERRIDES + extra + ["optim.clip_grad=3.0", "run.log_every_steps=2"])
+    preset, sets = ("tiny-byol-sd", TINY_COMMON) if extra == ["byol"] else ("tiny-dino", TINY_OVERRIDES + extra)
+    cfg = resolve(preset, sets + ["optim.clip_grad=3.0", "run.log_every_steps=2"])
     setup = build_pretraining(cfg, 96)
     cfg, method = setup.cfg, setup.method
     dataset = ViewsDataset(SyntheticTextures("train", 8, size=16), setup.views, seed=0)

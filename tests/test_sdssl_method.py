@@ -18,10 +18,10 @@ from glsd_cli.errors import ConfigError
 from glsd_cli.engine.task import ScheduledValues
 from glsd_cli.methods import StepContext
 from glsd_cli.models.mocov3_vit import sincos_2d_position_embedding
-from tests.conftest import TINY_OVERRIDES
+from tests.conftest import TINY_COMMON, TINY_OVERRIDES
 
 # Narrow heads and 3 blocks (2 distilled) keep every model here at a few hundred thousand parameters.
-SMALL = TINY_OVERRIDES + ["model.depth=3", "model.drop_path_rate=0.0",
+SMALL = TINY_COMMON + ["model.depth=3", "model.drop_path_rate=0.0",
                           "method.contrastive.proj_hidden_dim=32", "method.contrastive.layer_proj_hidden_dim=24",
                           "method.contrastive.pred_hidden_dim=40", "method.contrastive.out_dim=16"]
 CONTRASTIVE = ["simclr", "byol", "mocov3"]
@@ -29,7 +29,8 @@ CONTRASTIVE = ["simclr", "byol", "mocov3"]
 
 def make(preset: str, *extra: str):
     torch.manual_seed(0)
-    setup = build_pretraining(resolve(preset, SMALL + list(extra)), 96)
+    small = SMALL if resolve(preset).method.name != "dino" else TINY_OVERRIDES + ["model.depth=3"]
+    setup = build_pretraining(resolve(preset, small + list(extra)), 96)
     return setup.cfg, setup.method
 
 
@@ -166,7 +167,7 @@ def test_teacher_and_heads_layout():
 
 
 def test_two_view_transform():
-    cfg, method = make("tiny-mocov3-sd", "data.num_local_crops=3")
+    cfg, method = make("tiny-mocov3-sd")
     tf = make_views(cfg, method)
     assert tf.num_views == 2 and [r.blur_p for r in tf.recipes] == [1.0, 0.1]
     assert [r.solarize_p for r in tf.recipes] == [0.0, 0.2] and all(r.scale == (0.08, 1.0) for r in tf.recipes)

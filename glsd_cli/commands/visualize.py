@@ -98,7 +98,7 @@ def matches(
         t_tok = method.backbone("teacher").forward_tokens(pair.teacher[None].to(dev))
     s_rgb, t_rgb = denormalise(pair.student), denormalise(pair.teacher)
     outline = vm.student_outline_in_teacher(pair)
-    hinge = cfg.method.local.hinge
+    hinge = cfg.method.local.hinge if cfg.method.name == "dino" else True  # two-view methods have no local loss
     geo = vm.geometric_matches(pair, s_tok.grid, t_tok.grid, hinge=hinge)
     sim = vm.similarity_matches(pair, s_tok.patches[0].cpu(), t_tok.patches[0].cpu(), s_tok.grid, t_tok.grid)
     grids = f"{pair.student_name} {s_tok.grid[0]}x{s_tok.grid[1]} -> {pair.teacher_name} {t_tok.grid[0]}x{t_tok.grid[1]}"

@@ -57,8 +57,6 @@ class GlobalLocalDistillation(Method):
     def __init__(self, cfg: Config):
         super().__init__(cfg)
         h, loc, lc = cfg.head, cfg.method.local, cfg.method.loss
-        if "auto" in (h.out_dim, loc.out_dim, lc.teacher_temp):
-            raise ValueError("the config still holds 'auto' values: resolve them for the data first")
         self.local_on = loc.matching != "none"
         self.num_prototypes = h.out_dim
 
