@@ -53,6 +53,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/local_loss_chunks.py
 	$(BIN)/python bench/data_pipeline.py
 	$(BIN)/python bench/knn_speed.py
+	$(BIN)/python bench/target_gather.py
+	$(BIN)/python bench/end_to_end.py
 
 ## The low-data comparison on Fashion-MNIST (installs the Debian package with the IDX files if missing).
 bench-lowdata: $(STAMP)
