@@ -60,7 +60,7 @@ bench-lowdata: $(STAMP)
 	$(BIN)/python bench/lowdata.py
 
 ## SDSSL per block: SimCLR, BYOL, MoCo v3 and GLSD without and with SD on the same set, 3 seeds, k-NN and
-## linear per block (bench/results/sdssl_layers.{md,json,png}; ~45-50 min on 2 cores, so niced).
+## linear per block (bench/results/sdssl_layers.{md,json,png}; ~56 min on 2 shared cores, so niced).
 bench-sdssl: $(STAMP)
 	test -d /usr/share/datasets/fashion-mnist || (apt-get update && apt-get install -y dataset-fashion-mnist)
 	nice -n 10 $(BIN)/python bench/sdssl_layers.py

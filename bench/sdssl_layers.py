@@ -16,7 +16,7 @@ the CLI commands' own functions in this process (run_knn_eval, run_linear_eval),
 interpreter starts per run and shares the feature cache between them. Writes bench/results/
 sdssl_layers.{json,md,png}.
 
-    nice -n 10 python bench/sdssl_layers.py          # the full table (~45-50 min on the shared 2-core machine)
+    nice -n 10 python bench/sdssl_layers.py          # the full table (56 min on the shared 2-core machine at load 5-8)
     python bench/sdssl_layers.py --seeds 1 --epochs 1 --no-probes --results /tmp/smoke   # a smoke run
 """
 from __future__ import annotations
@@ -55,7 +55,7 @@ KNN_K, KNN_T = 20, 0.07
 # The cached probe's lr per 256 images, fixed in advance for every block and arm. The protocol's 1e-3
 # underfits these 96-d features in 100 epochs (40-60 % where 1.0 gives 60-72 %); in the smoke runs a 10 %
 # holdout chose 1.0 most often from 0.03-3, and choosing per run on 500 holdout images added noise (it
-# picked lrs up to 1.5 points worse on the test images) that a paired difference does not need.
+# picked lrs up to 1.3 points worse on the test images) that a paired difference does not need.
 LINEAR_LR = 1.0
 
 
