@@ -7,7 +7,7 @@ DEMO_OUT := runs
 # Passive OpenMP waiting: spinning threads starve the data workers on small CPUs (glsd_cli/__init__.py).
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: venv demo test test-slow test-all wheel-check bench bench-lowdata clean
+.PHONY: venv demo test test-slow test-all wheel-check bench bench-lowdata bench-sdssl clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,12 @@ bench: $(STAMP)
 bench-lowdata: $(STAMP)
 	test -d /usr/share/datasets/fashion-mnist || (apt-get update && apt-get install -y dataset-fashion-mnist)
 	$(BIN)/python bench/lowdata.py
+
+## SDSSL per block: SimCLR, BYOL, MoCo v3 and GLSD without and with SD on the same set, 3 seeds, k-NN and
+## linear per block (bench/results/sdssl_layers.{md,json,png}; ~56 min on 2 shared cores, so niced).
+bench-sdssl: $(STAMP)
+	test -d /usr/share/datasets/fashion-mnist || (apt-get update && apt-get install -y dataset-fashion-mnist)
+	nice -n 10 $(BIN)/python bench/sdssl_layers.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache build dist

@@ -1,11 +1,12 @@
-"""What the benchmark scripts share: where results go, the machine they ran on, peak memory, and a
-preset resolved as a benchmark runs it."""
+"""What the benchmark scripts share: where results go, the machine they ran on, peak memory and CPU
+time, a preset resolved as a benchmark runs it, and the CLI run as a subprocess (the low-data tables)."""
 from __future__ import annotations
 
 import json
 import os
 import platform
 import resource
+import subprocess
 import sys
 from pathlib import Path
 
@@ -52,6 +53,39 @@ def device_and_threads(device: str, threads: int | None) -> torch.device:
 def peak_rss_mib() -> float:
     """Peak resident memory of this process so far (it never goes down: one figure per process)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def children_peak_rss_mib() -> float:
+    """Peak resident memory of the largest finished child process (a CLI run, a loader worker)."""
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and of its finished (waited-for) descendants so far."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+# The low-data benchmarks' set: the fmnist-* presets pre-train on a seeded 5k subset of the training
+# split (Debian package dataset-fashion-mnist); they are evaluated on the full 10k test split.
+FASHION_MNIST = "fashion-mnist:/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_TEST = FASHION_MNIST + "?split=test"
+
+
+def glsd(*args: str) -> str:
+    """Run the glsd CLI of this checkout in a subprocess (its own peak memory); returns its stdout."""
+    cmd = [sys.executable, "-m", "glsd_cli", *args]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:  # show why before stopping: the captured output would otherwise be lost
+        sys.stderr.write(done.stdout + done.stderr)
+        done.check_returncode()
+    return done.stdout
+
+
+def pretrain_seconds(run: Path) -> float:
+    """Wall time of a finished pre-training: config.json is written at its start, done.json at its end
+    (also right for runs finished by an earlier, interrupted invocation of a script)."""
+    return (run / "done.json").stat().st_mtime - (run / "config.json").stat().st_mtime
 
 
 def sync(device: torch.device) -> None:

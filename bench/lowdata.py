@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, machine  # noqa: E402  (first: sets paths and the OpenMP wait policy)
+from common import FASHION_MNIST_TEST, ROOT, glsd, machine, pretrain_seconds  # noqa: E402  (first: sets paths and the OpenMP wait policy)
 
 import torch  # noqa: E402
 
@@ -36,18 +35,7 @@ ARMS = {"dino": ("fmnist-dino", []), "similarity": ("fmnist-sim", []), "geometri
         # The dense head's size trade-off (issue 9): 4x fewer patch prototypes than the arm above.
         "geometric-dense256": ("fmnist-geo", ["method.local.out_dim=256"])}
 DEFAULT_ARMS = ("dino", "similarity", "geometric", "geometric+sd", "geometric-dense256")
-TEST_URI = "fashion-mnist:/usr/share/datasets/fashion-mnist?split=test"
-
-
-def glsd(*args: str) -> str:
-    cmd = [sys.executable, "-m", "glsd_cli", *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout
-
-
-def pretrain_seconds(run: Path) -> float:
-    """Wall time of a finished pre-training: config.json is written at its start, done.json at its end
-    (also right for runs finished by an earlier, interrupted invocation of this script)."""
-    return (run / "done.json").stat().st_mtime - (run / "config.json").stat().st_mtime
+TEST_URI = FASHION_MNIST_TEST
 
 
 def raw_pixel_floor() -> float:
