@@ -1,0 +1,139 @@
+"""Recipe calibration on the built-in scenes: patch k-NN mIoU after every epoch, against random init.
+
+Each named arm is a preset plus overrides; the arms run in parallel processes. Per arm it writes
+OUT/NAME.json: the per-epoch rows of results.csv (teacher entropy and KL, and `patch_knn_miou`:
+patch k-NN mIoU with a 400-image bank and 150 queries, the epoch-end monitor here; the CLS k-NN
+monitor is off) and the final patch k-NN mIoU (2000-image bank, 500 queries) of the
+trained teacher and of the same network at its random initialisation.
+
+    python bench/dense_calibrate.py --out /tmp/calib --parallel 2 ARM [ARM ...]     (see ARMS)
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SCENES = ['data.train="synthetic-scenes"', "data.global_crop_size=64", "data.local_crop_size=32",
+          "model.patch_size=8"]
+SK = ['method.loss.centering="sinkhorn"']
+MONITOR_BANK, MONITOR_QUERIES = 400, 150  # per-epoch patch k-NN on subsets: cheap, a little noisy
+ARMS: dict[str, tuple[str, list[str]]] = {}
+for arm, preset in (("dino", "tiny-dino"), ("geo", "tiny-geo")):
+    for epochs in (5, 20):
+        ARMS[f"{arm}-base-e{epochs}"] = (preset, SCENES + [f"run.epochs={epochs}"])
+        ARMS[f"{arm}-sk-e{epochs}"] = (preset, SCENES + SK + [f"run.epochs={epochs}"])
+        ARMS[f"{arm}-sk-m99-e{epochs}"] = (preset, SCENES + SK + ["optim.momentum_teacher=0.99", f"run.epochs={epochs}"])
+        ARMS[f"{arm}-m99-e{epochs}"] = (preset, SCENES + ["optim.momentum_teacher=0.99", f"run.epochs={epochs}"])
+        ARMS[f"{arm}-sk-t04-e{epochs}"] = (preset, SCENES + SK + ["method.loss.teacher_temp=0.04",
+                                                                   "method.loss.warmup_teacher_temp=0.04",
+                                                                   f"run.epochs={epochs}"])
+        ARMS[f"{arm}-32px-e{epochs}"] = (preset, ['data.train="synthetic-scenes:size=32"', f"run.epochs={epochs}"])
+        ARMS[f"{arm}-sk-lr2e2-e{epochs}"] = (preset, SCENES + SK + ["optim.lr=2e-2", f"run.epochs={epochs}"])
+        ARMS[f"{arm}-sk-scale150-e{epochs}"] = (preset, SCENES[1:] + SK + ['data.train="synthetic-scenes:scale=150"',
+                                                                          f"run.epochs={epochs}"])
+ARMS["smoke"] = ("tiny-geo", ['data.train="synthetic-scenes:train=128,val=32,size=32"', "run.epochs=1",
+                            "data.batch_size=32"])
+
+
+def patch_knn_miou(backbone, uri: str, size: int, device, bank: int | None = None, queries: int | None = None) -> float:
+    from glsd_cli.data.sources import open_source
+    from glsd_cli.data.subsets import make_subset
+    from glsd_cli.eval.dense import knn_segmentation, segmentation_scores
+    from glsd_cli.eval.features import FeatureRequest, extract_representations
+
+    request = FeatureRequest(mask_size=size)
+    train, val = open_source(uri, "train"), open_source(uri, "val")
+    if bank and bank < len(train):
+        train = make_subset(train, count=bank, seed=0)
+    if queries and queries < len(val):
+        val = make_subset(val, count=queries, seed=0)
+    xt, mt = extract_representations(backbone, train, size, device, request, 256)
+    xv, mv = extract_representations(backbone, val, size, device, request, 256)
+    return segmentation_scores(knn_segmentation(xt["patches"][0], mt, xv["patches"][0], mv, len(train.classes),
+                                                device=device))["miou"]
+
+
+def run_one(name: str, out: Path, device: str) -> None:
+    import torch
+
+    import glsd_cli.engine.pretrain as pretrain_module
+    from glsd_cli.config import resolve
+    from glsd_cli.eval.loading import load_pretrained
+    from glsd_cli.methods import build_method
+
+    preset, sets = ARMS[name]
+    cfg = resolve(preset, sets + [f'run.out="{out / "runs"}"', f'run.name="{name}"', f'run.device="{device}"',
+                                  "run.knn_monitor=false", "data.num_workers=1"])
+    monitor = pretrain_module.knn_monitor_hook
+
+    def with_patch_knn(cfg, method, dev):  # the epoch-end monitor plus patch k-NN on a subset
+        cls_hook = monitor(cfg, method, dev)
+
+        def hook(epoch: int) -> dict:
+            row = cls_hook(epoch) if cls_hook else {}
+            row["patch_knn_miou"] = patch_knn_miou(method.backbone("teacher"), cfg.data.train,
+                                                   cfg.data.global_crop_size, dev, MONITOR_BANK, MONITOR_QUERIES)
+            return row
+        return hook
+
+    pretrain_module.knn_monitor_hook = with_patch_knn
+    started = time.time()
+    run = pretrain_module.pretrain(cfg, preset, quiet=True)
+    seconds = time.time() - started
+    dev = torch.device(device)
+    cfg, method, _ = load_pretrained(run, dev)
+    size, uri = cfg.data.global_crop_size, cfg.data.train
+    trained = patch_knn_miou(method.backbone("teacher"), uri, size, dev)
+    torch.manual_seed(cfg.run.seed)
+    random_init = patch_knn_miou(build_method(cfg).to(dev).eval().backbone("teacher"), uri, size, dev)
+    epochs = [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(open(run / "results.csv"))]
+    record = {"arm": name, "preset": preset, "overrides": sets, "device": device, "pretrain_s": round(seconds, 1),
+              "patch_knn_miou": round(trained, 2), "random_init_patch_knn_miou": round(random_init, 2),
+              "gain": round(trained - random_init, 2), "epochs": epochs}
+    (out / f"{name}.json").write_text(json.dumps(record, indent=1))
+    print(json.dumps({k: v for k, v in record.items() if k != "epochs"}), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("arms", nargs="+", choices=sorted(ARMS))
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--parallel", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per arm")
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.one:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        run_one(args.arms[0], args.out, args.device)
+        return
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+               OMP_WAIT_POLICY="PASSIVE")
+    pending, running = list(args.arms), []
+    while pending or running:
+        while pending and len(running) < args.parallel:
+            name = pending.pop(0)
+            log = open(args.out / f"{name}.log", "w")
+            running.append((name, subprocess.Popen(
+                [sys.executable, __file__, name, "--one", "--out", str(args.out), "--device", args.device,
+                 "--threads", str(args.threads)], env=env, stdout=log, stderr=subprocess.STDOUT)))
+        time.sleep(2)
+        for name, proc in list(running):
+            if proc.poll() is not None:
+                running.remove((name, proc))
+                tail = (args.out / f"{name}.log").read_text().strip().splitlines()[-1:]
+                print(f"{name}: exit {proc.returncode}: {tail[0] if tail else ''}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
