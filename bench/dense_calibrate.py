@@ -1,12 +1,12 @@
 """Recipe calibration on the built-in scenes: patch k-NN mIoU after every epoch, against random init.
 
-Each named arm is a preset plus overrides; the arms run in parallel processes. Per arm it writes
+Each arm is a preset plus overrides, named by words (arm_config); the arms run in parallel processes. Per arm it writes
 OUT/NAME.json: the per-epoch rows of results.csv (teacher entropy and KL, and `patch_knn_miou`:
 patch k-NN mIoU with a 400-image bank and 150 queries, the epoch-end monitor here; the CLS k-NN
 monitor is off) and the final patch k-NN mIoU (2000-image bank, 500 queries) of the
 trained teacher and of the same network at its random initialisation.
 
-    python bench/dense_calibrate.py --out /tmp/calib --parallel 2 ARM [ARM ...]     (see ARMS)
+    python bench/dense_calibrate.py --out /tmp/calib --parallel 2 geo-32-e5 geo-32-sk-e5 ...
 """
 from __future__ import annotations
 
@@ -20,26 +20,45 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SCENES = ['data.train="synthetic-scenes"', "data.global_crop_size=64", "data.local_crop_size=32",
-          "model.patch_size=8"]
-SK = ['method.loss.centering="sinkhorn"']
 MONITOR_BANK, MONITOR_QUERIES = 400, 150  # per-epoch patch k-NN on subsets: cheap, a little noisy
-ARMS: dict[str, tuple[str, list[str]]] = {}
-for arm, preset in (("dino", "tiny-dino"), ("geo", "tiny-geo")):
-    for epochs in (5, 20):
-        ARMS[f"{arm}-base-e{epochs}"] = (preset, SCENES + [f"run.epochs={epochs}"])
-        ARMS[f"{arm}-sk-e{epochs}"] = (preset, SCENES + SK + [f"run.epochs={epochs}"])
-        ARMS[f"{arm}-sk-m99-e{epochs}"] = (preset, SCENES + SK + ["optim.momentum_teacher=0.99", f"run.epochs={epochs}"])
-        ARMS[f"{arm}-m99-e{epochs}"] = (preset, SCENES + ["optim.momentum_teacher=0.99", f"run.epochs={epochs}"])
-        ARMS[f"{arm}-sk-t04-e{epochs}"] = (preset, SCENES + SK + ["method.loss.teacher_temp=0.04",
-                                                                   "method.loss.warmup_teacher_temp=0.04",
-                                                                   f"run.epochs={epochs}"])
-        ARMS[f"{arm}-32px-e{epochs}"] = (preset, ['data.train="synthetic-scenes:size=32"', f"run.epochs={epochs}"])
-        ARMS[f"{arm}-sk-lr2e2-e{epochs}"] = (preset, SCENES + SK + ["optim.lr=2e-2", f"run.epochs={epochs}"])
-        ARMS[f"{arm}-sk-scale150-e{epochs}"] = (preset, SCENES[1:] + SK + ['data.train="synthetic-scenes:scale=150"',
-                                                                          f"run.epochs={epochs}"])
-ARMS["smoke"] = ("tiny-geo", ['data.train="synthetic-scenes:train=128,val=32,size=32"', "run.epochs=1",
-                            "data.batch_size=32"])
+
+# An arm is named by '-'-separated words: a preset, then changes, e.g. geo-32-sk-k64-e20.
+PRESETS = {"dino": "tiny-dino", "geo": "tiny-geo", "sim": "tiny-sim", "geosd": "tiny-geo-sd"}
+WORDS = {
+    "32": ['data.train="synthetic-scenes:size=32"'],          # 32-px scenes, the tiny presets' views (8x8 tokens)
+    "64": ['data.train="synthetic-scenes"', "data.global_crop_size=64", "data.local_crop_size=32",
+           "model.patch_size=8"],                             # 64-px scenes, 8-px tokens (8x8 tokens)
+    "sk": ['method.loss.centering="sinkhorn"'],
+    "m99": ["optim.momentum_teacher=0.99"], "m996": ["optim.momentum_teacher=0.996"],
+    "m96": ["optim.momentum_teacher=0.96"],
+    "t04": ["method.loss.teacher_temp=0.04", "method.loss.warmup_teacher_temp=0.04"],
+    "t07": ["method.loss.teacher_temp=0.07", "method.loss.warmup_teacher_temp=0.04",
+            "method.loss.warmup_teacher_temp_epochs=1"],
+    "lr2e2": ["optim.lr=2e-2"], "lr1e2": ["optim.lr=1e-2"], "lr2e3": ["optim.lr=2e-3"], "lr1e3": ["optim.lr=1e-3"],
+    "k64": ["method.local.out_dim=64"], "k256": ["method.local.out_dim=256"], "h64": ["head.out_dim=64"],
+    "w08": ["method.local.weight=0.8"], "w02": ["method.local.weight=0.2"],
+    "nokoleo": ["method.loss.koleo_weight=0"], "koleo01": ["method.loss.koleo_weight=0.1"],
+    "l2": ["data.num_local_crops=2"], "l6": ["data.num_local_crops=6"],
+    "c99": ["method.loss.center_momentum=0.99"],
+    "normlast": ["head.norm_last_layer=true"],
+}
+
+
+def arm_config(name: str) -> tuple[str, list[str]]:
+    """(preset, overrides) of an arm name such as geo-32-sk-e20 (see WORDS; eN sets the epochs)."""
+    if name == "smoke":
+        return "tiny-geo", ['data.train="synthetic-scenes:train=128,val=32,size=32"', "run.epochs=1",
+                            "data.batch_size=32"]
+    first, *words = name.split("-")
+    sets: list[str] = []
+    for word in words:
+        if word.startswith("e") and word[1:].isdigit():
+            sets.append(f"run.epochs={word[1:]}")
+        elif word.startswith("s") and word[1:].isdigit():
+            sets.append(f"run.seed={word[1:]}")
+        else:
+            sets += WORDS[word]
+    return PRESETS[first], sets
 
 
 def patch_knn_miou(backbone, uri: str, size: int, device, bank: int | None = None, queries: int | None = None) -> float:
@@ -68,7 +87,7 @@ def run_one(name: str, out: Path, device: str) -> None:
     from glsd_cli.eval.loading import load_pretrained
     from glsd_cli.methods import build_method
 
-    preset, sets = ARMS[name]
+    preset, sets = arm_config(name)
     cfg = resolve(preset, sets + [f'run.out="{out / "runs"}"', f'run.name="{name}"', f'run.device="{device}"',
                                   "run.knn_monitor=false", "data.num_workers=1"])
     monitor = pretrain_module.knn_monitor_hook
@@ -103,7 +122,7 @@ def run_one(name: str, out: Path, device: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("arms", nargs="+", choices=sorted(ARMS))
+    parser.add_argument("arms", nargs="+", help="arm names: a preset word then changes, e.g. geo-32-sk-e20")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--parallel", type=int, default=1)
     parser.add_argument("--device", default="cpu")
@@ -111,6 +130,8 @@ def main() -> None:
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    for name in args.arms:
+        arm_config(name)  # unknown words fail here, before anything runs
     if args.one:
         import torch
 

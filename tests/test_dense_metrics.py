@@ -94,7 +94,7 @@ def test_patch_knn_matches_brute_force_on_the_token_grid():
     val_masks = torch.randint(0, classes, (2, grid, grid), dtype=torch.uint8)
     val_masks[1, 2, 2] = IGNORE_INDEX
     # Masks at the token grid's resolution: upsampling is the identity, so each pixel is one token.
-    conf = knn_segmentation(train, train_masks, val, val_masks, classes, k=7, temperature=0.1, max_queries=10)
+    conf = knn_segmentation(train, train_masks, val, val_masks, classes, k=7, temperature=0.1, max_similarities=400)
     pred = brute_force_knn(train, token_labels(train_masks, grid * grid, classes), val, classes, 7, 0.1)
     assert torch.equal(conf, confusion_matrix(pred.reshape(2, grid, grid), val_masks, classes))
 

@@ -82,11 +82,12 @@ def token_labels(masks: torch.Tensor, num_tokens: int, num_classes: int) -> torc
 @torch.no_grad()
 def knn_pixel_scores(train_tokens: torch.Tensor, train_masks: torch.Tensor, eval_tokens: torch.Tensor,
                      mask_size: int, num_classes: int, k: int = 20, temperature: float = 0.07,
-                     device: torch.device | str = "cpu", max_queries: int = 4096) -> Iterator[tuple[int, torch.Tensor]]:
+                     device: torch.device | str = "cpu", max_similarities: int = 2 ** 26
+                     ) -> Iterator[tuple[int, torch.Tensor]]:
     """Patch-level k-NN label transfer (module docstring): (first image, (B, C, M, M) scores) per chunk.
 
     train_tokens (N, T, D), train_masks (N, M', M'), eval_tokens (Q, T', D). Queries go in chunks of
-    whole images of about `max_queries` tokens, so the similarity matrix stays below max_queries x bank size."""
+    whole images, as many as keep the similarity matrix within `max_similarities` entries (256 MiB)."""
     labels = token_labels(train_masks, train_tokens.shape[1], num_classes).reshape(-1)
     keep = labels >= 0
     if not bool(keep.any()):
@@ -95,7 +96,7 @@ def knn_pixel_scores(train_tokens: torch.Tensor, train_masks: torch.Tensor, eval
     bank_labels = labels[keep].to(device)
     kk = min(k, len(bank))
     per_image = eval_tokens.shape[1]
-    images_per_chunk = max(1, max_queries // per_image)
+    images_per_chunk = max(1, max_similarities // (per_image * len(bank)))
     for start in range(0, len(eval_tokens), images_per_chunk):
         chunk = eval_tokens[start:start + images_per_chunk].to(device)
         queries = F.normalize(chunk.reshape(-1, chunk.shape[-1]).float(), dim=1)
@@ -107,11 +108,11 @@ def knn_pixel_scores(train_tokens: torch.Tensor, train_masks: torch.Tensor, eval
 
 def knn_segmentation(train_tokens: torch.Tensor, train_masks: torch.Tensor, eval_tokens: torch.Tensor,
                      eval_masks: torch.Tensor, num_classes: int, k: int = 20, temperature: float = 0.07,
-                     device: torch.device | str = "cpu", max_queries: int = 4096) -> torch.Tensor:
+                     device: torch.device | str = "cpu", max_similarities: int = 2 ** 26) -> torch.Tensor:
     """Confusion matrix of patch-level k-NN label transfer over the evaluation images (eval_masks (Q, M, M))."""
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     for start, scores in knn_pixel_scores(train_tokens, train_masks, eval_tokens, eval_masks.shape[-1], num_classes,
-                                          k, temperature, device, max_queries):
+                                          k, temperature, device, max_similarities):
         masks = eval_masks[start:start + len(scores)].to(device)
         confusion += confusion_matrix(scores.argmax(1), masks, num_classes)
     return confusion
