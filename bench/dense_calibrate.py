@@ -3,8 +3,8 @@
 Each arm is a preset plus overrides, named by words (arm_config); the arms run in parallel processes. Per arm it writes
 OUT/NAME.json: the per-epoch rows of results.csv (teacher entropy and KL, and `patch_knn_miou`:
 patch k-NN mIoU with a 400-image bank and 150 queries, the epoch-end monitor here; the CLS k-NN
-monitor is off) and the final patch k-NN mIoU (2000-image bank, 500 queries) of the
-trained teacher and of the same network at its random initialisation.
+monitor is off) and the final patch k-NN mIoU (2000-image and 250-image banks, 500 queries) of
+the trained teacher and of the same network at its random initialisation.
 
     python bench/dense_calibrate.py --out /tmp/calib --parallel 2 geo-32-e5 geo-32-sk-e5 ...
 """
@@ -21,6 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MONITOR_BANK, MONITOR_QUERIES = 400, 150  # per-epoch patch k-NN on subsets: cheap, a little noisy
+LOW_LABEL_BANK = 250  # final patch k-NN also with a 250-image bank: random features need many more neighbours
 
 # An arm is named by '-'-separated words: a preset, then changes, e.g. geo-32-sk-k64-e20.
 PRESETS = {"dino": "tiny-dino", "geo": "tiny-geo", "sim": "tiny-sim", "geosd": "tiny-geo-sd"}
@@ -41,6 +42,11 @@ WORDS = {
     "l2": ["data.num_local_crops=2"], "l6": ["data.num_local_crops=6"],
     "c99": ["method.loss.center_momentum=0.99"],
     "normlast": ["head.norm_last_layer=true"],
+    "fz1": ["head.freeze_last_layer_epochs=1"], "fzall": ["head.freeze_last_layer_epochs=1000"],
+    "dp0": ["model.drop_path_rate=0.0"], "b32": ["data.batch_size=32"],
+    # Small crops: a view then mostly shows one region, so its class is what all views of it agree on.
+    "gs": ["data.global_crop_scale=[0.15, 0.4]", "data.local_crop_scale=[0.04, 0.15]"],
+    "gs2": ["data.global_crop_scale=[0.25, 0.6]", "data.local_crop_scale=[0.05, 0.25]"],
 }
 
 
@@ -110,12 +116,17 @@ def run_one(name: str, out: Path, device: str) -> None:
     cfg, method, _ = load_pretrained(run, dev)
     size, uri = cfg.data.global_crop_size, cfg.data.train
     trained = patch_knn_miou(method.backbone("teacher"), uri, size, dev)
+    trained_250 = patch_knn_miou(method.backbone("teacher"), uri, size, dev, LOW_LABEL_BANK)
     torch.manual_seed(cfg.run.seed)
-    random_init = patch_knn_miou(build_method(cfg).to(dev).eval().backbone("teacher"), uri, size, dev)
+    random_backbone = build_method(cfg).to(dev).eval().backbone("teacher")
+    random_init = patch_knn_miou(random_backbone, uri, size, dev)
+    random_250 = patch_knn_miou(random_backbone, uri, size, dev, LOW_LABEL_BANK)
     epochs = [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(open(run / "results.csv"))]
     record = {"arm": name, "preset": preset, "overrides": sets, "device": device, "pretrain_s": round(seconds, 1),
               "patch_knn_miou": round(trained, 2), "random_init_patch_knn_miou": round(random_init, 2),
-              "gain": round(trained - random_init, 2), "epochs": epochs}
+              "gain": round(trained - random_init, 2), f"patch_knn_miou_bank{LOW_LABEL_BANK}": round(trained_250, 2),
+              f"random_init_patch_knn_miou_bank{LOW_LABEL_BANK}": round(random_250, 2),
+              f"gain_bank{LOW_LABEL_BANK}": round(trained_250 - random_250, 2), "epochs": epochs}
     (out / f"{name}.json").write_text(json.dumps(record, indent=1))
     print(json.dumps({k: v for k, v in record.items() if k != "epochs"}), flush=True)
 

@@ -58,6 +58,11 @@ def test_dense_eval_on_the_built_in_scenes_writes_json_and_csv_and_reuses_featur
     code, _, err = _dense([str(mine), "--train-data", SCENES, "--random-init"], capsys)
     assert code == 0 and json.loads((mine / "dense-random-init.json").read_text())["backbone"] == "random-init"
 
+    # Fewer labelled images: a seeded, stratified half of them for the bank and the probe.
+    code, _, err = _dense([str(mine), "--train-data", SCENES, "--train-fraction", "0.5"], capsys)
+    half = json.loads((mine / "dense-train0.5.json").read_text())
+    assert code == 0 and 8 <= half["num_train"] < 24 and half["num_val"] == 5 and half["subset_seed"] == 0
+
 
 def test_mask_folder_with_ignored_pixels_and_a_single_evaluation_image(run, tmp_path, capsys):
     data = tmp_path / "seg"

@@ -29,7 +29,8 @@ def command(
     lr_grid: Annotated[str, typer.Option("--lr-grid", help="probe learning rates per 256 images, trained at once; the one with the best holdout mIoU is reported")] = ",".join(f"{x:g}" for x in DEFAULT_LR_GRID),
     lr: Annotated[float, typer.Option(help="the probe's lr per 256 images when nothing is selected (--holdout-fraction 0)")] = DEFAULT_LR,
     holdout_fraction: Annotated[float, typer.Option("--holdout-fraction", help="fraction of the training images held out (seeded) to choose the probe's lr on; 0: train on all, use --lr")] = 0.1,
-    seed: Annotated[int, typer.Option(help="seed of the probes, their data order and the holdout")] = 0,
+    train_fraction: Annotated[Optional[float], typer.Option("--train-fraction", help="use this seeded, stratified fraction of the training images (their masks) for the probe and the k-NN bank: a low-label regime")] = None,
+    seed: Annotated[int, typer.Option(help="seed of the probes, their data order, the holdout and the --train-fraction subset")] = 0,
     student: Annotated[bool, typer.Option("--student", help="evaluate the student backbone instead of the teacher")] = False,
     random_init: Annotated[bool, typer.Option("--random-init", help="evaluate the run's network at its random initialisation instead (a baseline)")] = False,
     device: DeviceOpt = "auto",
@@ -44,7 +45,7 @@ def command(
 
     opts = DenseOptions(train_uri=train_data, val_uri=val_data, layers=layers, k=k, temperature=temperature,
                         image_size=image_size, mask_size=mask_size, epochs=epochs, batch_size=batch_size, lr=lr,
-                        lr_grid=parse_list(lr_grid, float, "--lr-grid"), holdout_fraction=holdout_fraction, seed=seed,
+                        lr_grid=parse_list(lr_grid, float, "--lr-grid"), holdout_fraction=holdout_fraction, train_fraction=train_fraction, seed=seed,
                         student=student, random_init=random_init, device=device, num_workers=num_workers,
                         cache=cache, cache_dir=cache_dir, output=output, quiet=quiet)
     result = run_dense_eval(checkpoint, opts)

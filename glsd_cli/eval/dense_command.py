@@ -18,7 +18,7 @@ import torch
 from glsd_cli.data.base import ImageSource, SubsetSource
 from glsd_cli.data.segmentation import segmentation_base
 from glsd_cli.data.sources import open_source
-from glsd_cli.data.subsets import split_holdout
+from glsd_cli.data.subsets import make_subset, split_holdout
 from glsd_cli.engine.precision import pick_device
 from glsd_cli.errors import DataError, GlsdError
 from glsd_cli.eval.dense import grid_side, knn_segmentation, segmentation_scores
@@ -47,6 +47,7 @@ class DenseOptions:
     lr: float = DEFAULT_LR              # used alone when nothing is selected (--holdout-fraction 0)
     lr_grid: tuple[float, ...] = DEFAULT_LR_GRID
     holdout_fraction: float = 0.1
+    train_fraction: float | None = None  # a seeded, stratified fraction of the training images (fewer labels)
     seed: int = 0
     student: bool = False
     random_init: bool = False
@@ -67,6 +68,8 @@ def _check(opts: DenseOptions) -> None:
         raise GlsdError(f"--epochs and --batch-size must be positive, got {opts.epochs} and {opts.batch_size}")
     if opts.lr <= 0 or not opts.lr_grid or any(lr <= 0 for lr in opts.lr_grid):
         raise GlsdError("learning rates must be positive")
+    if opts.train_fraction is not None and not 0 < opts.train_fraction <= 1:
+        raise GlsdError(f"--train-fraction must be in (0, 1], got {opts.train_fraction}")
     if not 0 <= opts.holdout_fraction < 1:
         raise GlsdError(f"--holdout-fraction must be in [0, 1), got {opts.holdout_fraction}")
     for name, value in (("--image-size", opts.image_size), ("--mask-size", opts.mask_size)):
@@ -91,7 +94,8 @@ def open_segmentation_pair(cfg, train_uri: str | None, val_uri: str | None) -> t
 
 def _tag(opts: DenseOptions) -> str:
     tag = "dense-random-init" if opts.random_init else ("dense-student" if opts.student else "dense")
-    return tag + ("-layers" if opts.layers is not None else "")
+    tag += "-layers" if opts.layers is not None else ""
+    return tag + (f"-train{opts.train_fraction:g}" if opts.train_fraction is not None else "")
 
 
 def run_dense_eval(checkpoint: Path, opts: DenseOptions) -> dict:
@@ -106,6 +110,8 @@ def run_dense_eval(checkpoint: Path, opts: DenseOptions) -> dict:
         name = "random-init"
     backbone = method.backbone(which).eval().requires_grad_(False)
     train, val = open_segmentation_pair(cfg, opts.train_uri, opts.val_uri)
+    if opts.train_fraction is not None:  # fewer labelled images for the probe and the k-NN bank
+        train = make_subset(train, fraction=opts.train_fraction, seed=opts.seed)
     blocks = parse_blocks(opts.layers, backbone.num_blocks)
     numbers = [b + 1 for b in blocks] if blocks is not None else [backbone.num_blocks]
     size = opts.image_size or cfg.data.global_crop_size
@@ -139,7 +145,8 @@ def run_dense_eval(checkpoint: Path, opts: DenseOptions) -> dict:
     final = rows[-1]
     result = {
         "checkpoint": str(file), "backbone": name, "train_data": train.uri, "val_data": val.uri,
-        "num_train": len(train), "num_val": len(val), "classes": list(train.classes),
+        "num_train": len(train), "num_val": len(val), "train_fraction": opts.train_fraction,
+        "classes": list(train.classes),
         "image_size": size, "mask_size": mask_size, "token_grid": grid_side(xt["patches"].shape[2]),
         "representation": "patch tokens after the final norm, of each block asked for", "blocks_numbered_from": 1,
         "linear": {"epochs": opts.epochs, "batch_size": opts.batch_size, "lr_grid_per_256": selection["lrs"],
@@ -155,6 +162,7 @@ def run_dense_eval(checkpoint: Path, opts: DenseOptions) -> dict:
         "rows": rows,
         "summary": {"block": final["block"], "linear_miou": final["linear_miou"], "knn_miou": final["knn_miou"],
                     "linear_pixel_acc": final["linear_pixel_acc"], "knn_pixel_acc": final["knn_pixel_acc"]},
+        "subset_seed": opts.seed if opts.train_fraction is not None else None,
         "seconds": {"features": round(feature_seconds, 3), "knn": round(knn_seconds, 3),
                     "linear": round(linear_seconds, 3)},
         "feature_cache": {"folder": str(cache.folder) if cache.enabled else None, "hits": cache.hits,
