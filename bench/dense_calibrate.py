@@ -42,6 +42,10 @@ WORDS = {
     "l2": ["data.num_local_crops=2"], "l6": ["data.num_local_crops=6"],
     "c99": ["method.loss.center_momentum=0.99"],
     "normlast": ["head.norm_last_layer=true"],
+    # The fmnist-* presets' recipe (stable over 3x their epochs there): size-aware prototypes,
+    # DINO's prototype layer (weight-normalised, frozen for the first epoch), teacher momentum 0.996.
+    "fm": ['head.out_dim="auto"', "head.norm_last_layer=true", "head.freeze_last_layer_epochs=1",
+           "optim.momentum_teacher=0.996"],
     "fz1": ["head.freeze_last_layer_epochs=1"], "fzall": ["head.freeze_last_layer_epochs=1000"],
     "dp0": ["model.drop_path_rate=0.0"], "b32": ["data.batch_size=32"],
     # Small crops: a view then mostly shows one region, so its class is what all views of it agree on.
