@@ -70,6 +70,7 @@ def pretrain(
 
 
 # --------------------------------------------------------------------------- commands in their own modules
+from glsd_cli.commands import dense_eval as _dense_eval  # noqa: E402
 from glsd_cli.commands import export as _export  # noqa: E402
 from glsd_cli.commands import finetune as _finetune  # noqa: E402
 from glsd_cli.commands import knn_eval as _knn_eval  # noqa: E402
@@ -78,6 +79,7 @@ from glsd_cli.commands import visualize as _visualize  # noqa: E402
 
 app.command("knn-eval")(_knn_eval.command)
 app.command("linear-eval")(_linear_eval.command)
+app.command("dense-eval")(_dense_eval.command)
 app.command("finetune")(_finetune.command)
 app.command("export")(_export.command)
 app.add_typer(_visualize.app, name="visualize")

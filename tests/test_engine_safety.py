@@ -225,3 +225,31 @@ def test_results_png_is_drawn_at_each_epoch_end_from_the_logs(tmp_path):
     # The panels follow what was logged: here loss and lr per step, plus an epoch-end k-NN value.
     titles = [p[0] for p in _panels(_step_records(tmp_path), [{"epoch": "0", "knn_top1": "42.0"}])]
     assert titles == ["loss terms", "learning rate", "k-NN top-1 (%)"]
+
+
+def _epochs(entropies, kls):
+    return [{"teacher_entropy": e, "teacher_kl_uniform": kl} for e, kl in zip(entropies, kls)]
+
+
+def test_collapse_warning_sees_a_slow_drift_to_uniform_that_no_threshold_catches():
+    k = 256  # log K = 5.55: the issue-20 run drifted from one prototype to 4.39 nats without a warning
+    drift = _epochs([2.0, 2.6, 3.1, 3.7, 4.39], [2.5, 2.0, 1.6, 1.2, 0.8])
+    assert collapse_warning(drift[-1], k, 19) is None  # the single-epoch thresholds stay silent
+    text = collapse_warning(drift[-1], k, 19, drift[:-1])
+    assert "drifting toward uniform" in text and "3.10 → 3.70 → 4.39" in text
+    # Rows as results.csv gives them back (strings; an epoch without statistics is skipped).
+    as_logged = [{key: str(v) for key, v in row.items()} for row in drift[:-1]] + [{"teacher_entropy": ""}]
+    assert "drifting toward uniform" in collapse_warning(drift[-1], k, 19, as_logged)
+
+
+def test_collapse_warning_sees_a_drift_toward_one_prototype_and_spares_healthy_runs():
+    k = 256
+    drift = _epochs([2.0, 1.7, 1.4, 1.0], [2.0, 2.5, 3.0, 3.6])
+    assert "one prototype" in collapse_warning(drift[-1], k, 4, drift[:-1])
+    # Sharpening as it should: entropy falls, KL settles below half of log K.
+    healthy = _epochs([5.0, 3.5, 2.5, 2.0, 1.8], [0.3, 0.9, 1.4, 1.7, 1.8])
+    assert collapse_warning(healthy[-1], k, 5, healthy[:-1]) is None
+    # Too few epochs to call a trend, and a high but flat entropy, are no drift.
+    assert collapse_warning(drift[-1], k, 2, drift[-3:-1]) is None
+    flat = _epochs([3.5, 3.4, 3.6, 3.5], [1.0, 1.0, 1.0, 1.0])
+    assert collapse_warning(flat[-1], k, 4, flat[:-1]) is None

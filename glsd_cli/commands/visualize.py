@@ -163,3 +163,72 @@ def embedding(
         points = ve.tsne_2d(feats, seed)
     picture = ve.draw_embedding(points, labels.numpy(), list(source.classes), title, seed)
     _echo([save_png(picture, out / f"embedding-{method_name}.png")])
+
+
+@app.command("segmentation")
+def segmentation(
+    checkpoint: CheckpointArg,
+    out: OutOpt,
+    train_data: Annotated[Optional[str], typer.Option("--train-data", help="images with masks the k-NN takes its neighbours from (default: the run's data, train split)")] = None,
+    val_data: Annotated[Optional[str], typer.Option("--val-data", help="images with masks to draw (default: the training data's val split)")] = None,
+    num_images: Annotated[int, typer.Option("--num-images", "-n", help="evaluation images to draw, spread evenly over the split")] = 4,
+    k: Annotated[int, typer.Option("--k", help="neighbours of each token in the patch k-NN")] = 20,
+    student: StudentOpt = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="images per feature-extraction batch")] = 32,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Evaluation images with their true masks and the predicted ones: the patch k-NN's, and the linear
+    probe's when `glsd dense-eval` of the same backbone left one beside the checkpoint."""
+    import json
+
+    import torch
+
+    from glsd_cli.data.base import SubsetSource
+    from glsd_cli.data.segmentation import sample_with_mask
+    from glsd_cli.engine.precision import pick_device
+    from glsd_cli.eval.dense import knn_pixel_scores, pixel_scores
+    from glsd_cli.eval.dense_command import open_segmentation_pair
+    from glsd_cli.eval.dense_probe import load_selected_probe
+    from glsd_cli.eval.feature_cache import FeatureCache
+    from glsd_cli.eval.features import FeatureRequest, extract_representations
+    from glsd_cli.eval.loading import load_pretrained
+    from glsd_cli.eval.report import result_paths
+    from glsd_cli.viz.drawing import save_png
+    from glsd_cli.viz.embedding import evenly_spaced
+    from glsd_cli.viz.segmentation import draw_predictions
+
+    if num_images < 1 or k < 1 or batch_size < 1:
+        raise GlsdError("--num-images, --k and --batch-size must be positive")
+    dev = pick_device(device)
+    cfg, method, file = load_pretrained(checkpoint, dev)
+    which = "student" if student else "teacher"
+    backbone = method.backbone(which)
+    train, val = open_segmentation_pair(cfg, train_data, val_data)
+    size = cfg.data.global_crop_size
+    request = FeatureRequest(None, mask_size=size)  # what dense-eval extracts by default: its cache serves here
+    cache = FeatureCache.for_backbone(file, which, backbone, cfg.model.model_dump_json())
+    train_feats, train_masks = cache.features(backbone, train, size, dev, request, batch_size)
+    shown = SubsetSource(val, evenly_spaced(len(val), num_images))
+    feats, masks = extract_representations(backbone, shown, size, dev, request, batch_size)
+    num_classes = len(train.classes)
+    knn = [s.argmax(1) for _, s in knn_pixel_scores(train_feats["patches"][0], train_masks, feats["patches"][0], size,
+                                                    num_classes, k, device=dev)]
+    predictions = {"k-NN": [p.cpu().numpy() for p in torch.cat(knn)]}
+    results = result_paths(file, "dense-student" if student else "dense")[0]
+    note = f"no linear probe: run `glsd dense-eval {checkpoint}{' --student' if student else ''}` first to draw one"
+    if results.is_file():
+        result = json.loads(results.read_text())
+        matching = (result["image_size"] == size and result["mask_size"] == size
+                    and result["rows"][-1]["block"] == backbone.num_blocks)
+        head = load_selected_probe(result) if matching else None
+        if head is not None:
+            with torch.no_grad():
+                logits = head.to(dev)(feats["patches"][0].to(dev))
+            predictions = {"linear": [p.cpu().numpy() for p in pixel_scores(logits, size).argmax(1)], **predictions}
+            note = f"linear probe of {results} (lr {result['rows'][-1]['linear_lr']:g})"
+        elif not matching:
+            note = f"no linear probe: {results} is of other sizes or blocks; rerun dense-eval with its defaults"
+    images = [sample_with_mask(shown, i)[0].permute(1, 2, 0).numpy() for i in range(len(shown))]
+    picture = draw_predictions(images, [m.numpy() for m in masks], predictions, list(train.classes))
+    typer.echo(f"{len(shown)} images of {val.uri} ({val.split}); {note}", err=True)
+    _echo([save_png(picture, out / "segmentation.png")])

@@ -16,10 +16,11 @@ import numpy as np
 import torch
 
 from glsd_cli.data.base import UNREADABLE_SAMPLE, ImageSource, too_many_unreadable
+from glsd_cli.data.segmentation import Ade20kSource, MaskFolderSource, VocSource, is_mask_folder
 from glsd_cli.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
-SCHEMES = ("folder", "synthetic", "cifar10", "cifar100", "stl10", "fashion-mnist", "mnist")
+SCHEMES = ("folder", "synthetic", "synthetic-scenes", "voc", "ade20k", "cifar10", "cifar100", "stl10", "fashion-mnist", "mnist")
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                          "Sneaker", "Bag", "Ankle boot"]
 STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
@@ -32,6 +33,11 @@ def describe_schemes() -> str:
         "PATH or folder:PATH       image folder (class sub-folders -> labelled; else unlabelled;"
         " train/ and val/ inside are picked by split)",
         "synthetic[:OPTIONS]       built-in generated grey-level textures (no files needed)",
+        "synthetic-scenes[:OPTIONS] built-in scenes of 2-4 texture regions with per-pixel masks (segmentation)",
+        "PATH (segmentation)       PATH/{train,val}/{images,masks}/: masks are PNGs of class indices named like"
+        " their images, 255 = ignore; class names from PATH/classes.txt if present",
+        "voc:ROOT                  Pascal VOC segmentation (JPEGImages, SegmentationClass, ImageSets/Segmentation)",
+        "ade20k:ROOT               ADE20K SceneParsing (images/ and annotations/ {training,validation})",
         "cifar10:ROOT              ROOT/cifar-10-batches-py (python pickle version)",
         "cifar100:ROOT             ROOT/cifar-100-python (fine labels)",
         "stl10:ROOT                ROOT/stl10_binary (split: train, val, unlabelled, train+unlabelled)",
@@ -62,7 +68,7 @@ def _parse_uri(uri: str) -> tuple[str, str, str | None]:
             raise DataError(f"Unknown URI option '{tail}' in '{uri}': only ?split=NAME is supported.")
     scheme, sep, body = rest.partition(":")
     if not sep:
-        return ("synthetic", "", query) if rest == "synthetic" else ("folder", rest, query)
+        return (rest, "", query) if rest in ("synthetic", "synthetic-scenes") else ("folder", rest, query)
     # A one-letter scheme is a Windows drive letter; an existing path containing ':' is a path.
     if len(scheme) <= 1 or os.path.exists(rest):
         return "folder", rest, query
@@ -80,13 +86,21 @@ def open_source(uri: str, split: str = "train") -> ImageSource:
     if scheme == "synthetic":
         from glsd_cli.data.synthetic import SyntheticTextures  # lazy: written separately by the lead
         return SyntheticTextures.from_uri(body, split)
+    if scheme == "synthetic-scenes":
+        from glsd_cli.data.scenes import SyntheticScenes
+        return SyntheticScenes.from_uri(body, split)
     if not body:
         raise DataError(f"'{uri}' names no path: expected {scheme}:ROOT.")
     root = Path(body).expanduser()
     if not root.exists():
         raise DataError(f"Data path '{root}' does not exist (from '{uri}').")
-    if scheme == "folder":
-        src: ImageSource = FolderSource(root, split)
+    if scheme in ("voc", "ade20k") or (scheme == "folder" and root.is_dir() and is_mask_folder(root)):
+        if split not in ("train", "val"):
+            raise _no_split("Segmentation data", split)
+        cls = {"voc": VocSource, "ade20k": Ade20kSource, "folder": MaskFolderSource}[scheme]
+        src: ImageSource = cls(root, split)
+    elif scheme == "folder":
+        src = FolderSource(root, split)
     elif scheme in ("cifar10", "cifar100"):
         src = CifarSource(root, split, hundred=scheme == "cifar100")
     elif scheme == "stl10":

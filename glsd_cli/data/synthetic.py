@@ -31,10 +31,14 @@ _DEFAULTS = {"train": 2000, "val": 1000, "size": 32, "seed": 0}
 MIN_CONTRAST = 0.3  # smallest grey-level difference between the two phases of a pattern
 
 
-def _pattern(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
-    """Boolean (size, size) pattern of class `label`; periods are 5-8 px at 32 px, in proportion otherwise."""
+def _pattern(label: int, size: int, rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:
+    """Boolean (size, size) pattern of class `label`; periods are 5-8 px at 32 px, in proportion otherwise.
+
+    `scale` multiplies every length of the pattern (periods, blob size): 32 / size keeps the 32-px
+    periods of 5-8 px at any image size (synthetic-scenes, whose regions are parts of a larger image).
+    """
     ys, xs = np.meshgrid(np.linspace(-1, 1, size), np.linspace(-1, 1, size), indexing="ij")
-    period = rng.uniform(5, 8) / 32 * 2           # in units of the [-1, 1] image span
+    period = rng.uniform(5, 8) / 32 * 2 * scale   # in units of the [-1, 1] image span
     k = 2 * np.pi / period
     phase = rng.uniform(0, 2 * np.pi, size=2)
     tilt = rng.uniform(-0.15, 0.15)                # small orientation jitter (radians)
@@ -61,16 +65,17 @@ def _pattern(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
         tri = np.abs((u * k / (2 * np.pi) + phase[1] / (2 * np.pi)) % 2 - 1)
         return np.sin(k * v + 2 * np.pi * tri + phase[0]) > 0
     if name == "blobs":  # a smooth random field (5x5 Gaussian values, bicubic) cut at zero
-        coarse = torch.from_numpy(rng.normal(size=(1, 1, 5, 5)))
+        cells = max(2, int(round(5 / scale)))
+        coarse = torch.from_numpy(rng.normal(size=(1, 1, cells, cells)))
         return F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=True)[0, 0].numpy() > 0
     if name == "speckle":  # independent pixels
         return rng.random((size, size)) < 0.5
     raise AssertionError(name)
 
 
-def render(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
-    """One (size, size, 3) uint8 grey-level image of class `label`."""
-    mask = _pattern(label, size, rng)
+def render(label: int, size: int, rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:
+    """One (size, size, 3) uint8 grey-level image of class `label` (`scale`: see `_pattern`)."""
+    mask = _pattern(label, size, rng, scale)
     fg, bg = rng.uniform(0, 1, size=2)
     if abs(fg - bg) < MIN_CONTRAST:
         fg = (bg + 0.5) % 1.0

@@ -38,8 +38,11 @@ def collapse_stats(probs: torch.Tensor) -> dict[str, torch.Tensor]:
     return {ENTROPY: entropy, KL_UNIFORM: kl}
 
 
-def collapse_warning(summary: dict[str, float], num_prototypes: int | None, epoch: int) -> str | None:
-    """A one-paragraph warning when an epoch's mean statistics look collapsed, else None."""
+def collapse_warning(summary: dict[str, float], num_prototypes: int | None, epoch: int,
+                     history: list[dict[str, float]] | None = None) -> str | None:
+    """A one-paragraph warning when an epoch's mean statistics look collapsed, or when they have been
+    drifting toward a collapse over the last epochs (`history`: earlier epochs' summaries, oldest first),
+    else None."""
     if num_prototypes is None or not all(k in summary for k in COLLAPSE_KEYS):
         return None
     log_k = math.log(max(num_prototypes, 2))
@@ -53,4 +56,39 @@ def collapse_warning(summary: dict[str, float], num_prototypes: int | None, epoc
         return (f"collapse warning (epoch {epoch}): one prototype wins for nearly every image ({numbers}). "
                 "Raise method.loss.teacher_temp, keep the centring on (method.loss.center_momentum < 1), "
                 "or lower optim.lr.")
+    return _drift_warning(summary, history or [], log_k, epoch)
+
+
+# Slow drift: over the last DRIFT_EPOCHS epochs (this one included) a statistic rose by at least
+# DRIFT_SLOPE × log K per epoch (least-squares slope) and now stands past DRIFT_LEVEL × log K. A healthy
+# run's entropy falls as the teacher sharpens and its KL settles well below half of log K; a run
+# drifting to uniform outputs climbs through those levels for many epochs before the collapse
+# thresholds above fire (tiny-dino on synthetic-scenes for 20 epochs: entropy 0.06 → 4.39 of 5.55,
+# a few percent of log K per epoch, never past 0.9 log K; issue 20).
+DRIFT_EPOCHS, DRIFT_SLOPE, DRIFT_LEVEL = 4, 0.03, 0.5
+
+
+def _slope(values: list[float]) -> float:
+    n = len(values)
+    mean_x, mean_y = (n - 1) / 2, sum(values) / n
+    return sum((x - mean_x) * (y - mean_y) for x, y in enumerate(values)) / sum((x - mean_x) ** 2 for x in range(n))
+
+
+def _drift_warning(summary: dict[str, float], history: list[dict[str, float]], log_k: float, epoch: int) -> str | None:
+    # Earlier epochs as logged (results.csv rows hold strings; an epoch without the statistics is skipped).
+    logged = [{k: float(h[k]) for k in COLLAPSE_KEYS} for h in history if all(h.get(k) not in (None, "") for k in COLLAPSE_KEYS)]
+    recent = logged[-(DRIFT_EPOCHS - 1):] + [summary]
+    if len(recent) < DRIFT_EPOCHS:
+        return None
+    for key, toward, advice in (
+            (ENTROPY, "uniform outputs", "Lower optim.lr, raise optim.momentum_teacher (a slower teacher), or use "
+                                         "method.loss.centering=sinkhorn."),
+            (KL_UNIFORM, "one prototype for every image", "Raise method.loss.teacher_temp, lower optim.lr, or use "
+                                                          "method.loss.centering=sinkhorn.")):
+        series = [h[key] / log_k for h in recent]
+        if _slope(series) >= DRIFT_SLOPE and series[-1] >= DRIFT_LEVEL:
+            trail = " → ".join(f"{h[key]:.2f}" for h in recent)
+            name = "entropy" if key == ENTROPY else "KL(mean ‖ uniform)"
+            return (f"collapse warning (epoch {epoch}): the teacher is drifting toward {toward}: its {name} rose "
+                    f"over the last {len(recent)} epochs ({trail} nats, log K = {log_k:.2f}). {advice}")
     return None

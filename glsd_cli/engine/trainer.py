@@ -31,7 +31,7 @@ from glsd_cli.engine.batching import batch_size, clear_worker_errors, grouped
 from glsd_cli.engine.checkpoint import (CHECKPOINT_NAME, load_optimizer, load_state_strict, optimizer_tensors,
                                         read_checkpoint, remove_stale_temporaries, restore_rng, rng_tensors,
                                         save_tensors, sub_dict)
-from glsd_cli.engine.metrics import MetricsLog, console, progress_bar
+from glsd_cli.engine.metrics import MetricsLog, console, progress_bar, read_results
 from glsd_cli.engine.monitors import collapse_warning
 from glsd_cli.engine.optim import clip_gradients, grad_norms
 from glsd_cli.engine.precision import autocast_dtype
@@ -259,7 +259,8 @@ class Trainer:
                 summary.update(self.epoch_end_hook(epoch))
         summary.update(self.task.epoch_metrics())
         if self.log:
-            warning = collapse_warning(summary, self.task.num_prototypes, epoch)
+            history = [row for row in read_results(self.run_dir) if int(row["epoch"]) < epoch]  # survives resume
+            warning = collapse_warning(summary, self.task.num_prototypes, epoch, history)
             if warning:  # shown even with --quiet: it may save days of compute
                 console.print(f"[bold yellow]{warning}")
             self.log.epoch({"epoch": epoch, **summary})

@@ -38,16 +38,31 @@ class FeatureRequest:
     blocks:     0-based block indices whose CLS (after the final norm) is returned, or None for the
                 final CLS of `Backbone.forward` (the representation k-NN and the pre-training monitor use).
     patch_mean: also return the mean of the final block's patch tokens after the final norm.
+    mask_size:  dense evaluation (dense.py): return the patch tokens of `blocks` (None: of the final
+                block) instead of any CLS, from the whole image resized to a square, and the masks
+                resized to mask_size x mask_size as the labels. Needs a segmentation source.
     """
 
     blocks: tuple[int, ...] | None = None
     patch_mean: bool = False
+    mask_size: int | None = None
+
+    @property
+    def dense(self) -> bool:
+        return self.mask_size is not None
 
     def describe(self) -> dict:
-        return {"blocks": list(self.blocks) if self.blocks is not None else "final", "patch_mean": self.patch_mean}
+        out = {"blocks": list(self.blocks) if self.blocks is not None else "final", "patch_mean": self.patch_mean}
+        if self.dense:  # only then, so the keys of CLS entries cached before dense evaluation existed stay valid
+            out["patch_tokens_with_masks"] = self.mask_size
+        return out
 
     def compute(self, backbone: Backbone, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """{'cls': (L, B, D), and 'patch_mean': (B, D) when asked}."""
+        """{'cls': (L, B, D), and 'patch_mean': (B, D) when asked}; dense: {'patches': (L, B, T, D)}."""
+        if self.dense:
+            if self.blocks is None:
+                return {"patches": backbone.forward_tokens(images).patches.unsqueeze(0)}
+            return {"patches": torch.stack(backbone.forward_layer_patches(images, list(self.blocks)))}
         if self.blocks is None and not self.patch_mean:
             return {"cls": backbone(images).unsqueeze(0)}
         blocks = list(self.blocks) if self.blocks is not None else [backbone.num_blocks - 1]
@@ -64,13 +79,22 @@ def extract_representations(backbone: Backbone, source: ImageSource, image_size:
                             quiet: bool = True, description: str = "features"
                             ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """({'cls': (L, N, D), 'patch_mean': (N, D)?} in fp32 on the CPU, labels (N,)) over a whole source,
-    through the evaluation transform (resize 256/224, centre crop) in the source's order."""
+    through the evaluation transform (resize 256/224, centre crop) in the source's order.
+    Dense requests: ({'patches': (L, N, T, D)}, masks uint8 (N, M, M)) of the whole images resized."""
     if len(source) == 0:
         raise GlsdError(f"{source.uri} ({source.split}) has no images to extract features from")
     was_training = backbone.training
     backbone.eval()
-    loader = DataLoader(EvalDataset(source, EvalTransform(image_size)), batch_size=batch_size,
-                        num_workers=num_workers, shuffle=False)
+    if request.dense:
+        from glsd_cli.data.segmentation import DenseEvalDataset, segmentation_base
+
+        if segmentation_base(source) is None:
+            raise GlsdError(f"{source.uri} ({source.split}) has no masks: dense evaluation needs segmentation data "
+                            "(see `glsd data schemes`)")
+        dataset = DenseEvalDataset(source, image_size, request.mask_size)
+    else:
+        dataset = EvalDataset(source, EvalTransform(image_size))
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
     parts: dict[str, list[torch.Tensor]] = {}
     labels = []
     try:
@@ -82,9 +106,10 @@ def extract_representations(backbone: Backbone, source: ImageSource, image_size:
                 bar.update({}, {}, 0, 1)
     finally:
         backbone.train(was_training)
-    # cls is (L, B, D) per batch: images are along dim 1; patch_mean (B, D): along dim 0.
-    feats = {name: torch.cat(chunks, dim=1 if name == "cls" else 0) for name, chunks in parts.items()}
-    return feats, torch.cat(labels).long()
+    # cls (L, B, D) and patches (L, B, T, D) per batch: images are along dim 1; patch_mean (B, D): along dim 0.
+    feats = {name: torch.cat(chunks, dim=1 if name in ("cls", "patches") else 0) for name, chunks in parts.items()}
+    labels = torch.cat(labels)
+    return feats, labels if request.dense else labels.long()  # masks stay uint8: a quarter of the memory
 
 
 def parse_blocks(text: str | None, num_blocks: int) -> list[int] | None:

@@ -37,11 +37,16 @@ def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_
         weights = (top_sim / temperature).exp()
         target = test_labels[start:start + chunk]
         for k in ks:
-            kk = min(k, k_max)
-            votes = torch.zeros(len(sim), num_classes, dtype=weights.dtype, device=weights.device)
-            votes.scatter_add_(1, top_labels[:, :kk], weights[:, :kk])
+            votes = weighted_votes(weights, top_labels, min(k, k_max), num_classes)
             pred = votes.argsort(dim=1, descending=True, stable=True)
             correct[k][0] += int((pred[:, 0] == target).sum())
             correct[k][1] += int((pred[:, :top5_n] == target[:, None]).any(1).sum())
     n = len(test)
     return {k: {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n} for k, (c1, c5) in correct.items()}
+
+
+def weighted_votes(weights: torch.Tensor, top_labels: torch.Tensor, k: int, num_classes: int) -> torch.Tensor:
+    """(Q, num_classes) class scores: each query's k first neighbours (sorted, most similar first) add
+    their weight exp(sim / T) to their class."""
+    votes = torch.zeros(len(weights), num_classes, dtype=weights.dtype, device=weights.device)
+    return votes.scatter_add_(1, top_labels[:, :k], weights[:, :k])

@@ -109,3 +109,10 @@ class Backbone(nn.Module):
         out = self._split(final)
         out.layer_cls = [prefix[:, 0] for _, prefix in inter]
         return out
+
+    def forward_layer_patches(self, x: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
+        """The patch tokens (B, R*C, D) of each block in `layers`, each after the shared final norm."""
+        if getattr(self.model, "blocks", None) is None:
+            raise ConfigError("per-block patch tokens need a ViT (this backbone has stages, not blocks)")
+        _, inter = self.model.forward_intermediates(x, indices=list(layers), norm=True, output_fmt="NLC")
+        return list(inter)

@@ -1,0 +1,175 @@
+"""Recipe calibration on the built-in scenes: patch k-NN mIoU after every epoch, against random init.
+
+Each arm is a preset plus overrides, named by words (arm_config); the arms run in parallel processes. Per arm it writes
+OUT/NAME.json: the per-epoch rows of results.csv (teacher entropy and KL, and `patch_knn_miou`:
+patch k-NN mIoU with a 400-image bank and 150 queries, the epoch-end monitor here; the CLS k-NN
+monitor is off) and the final patch k-NN mIoU (2000-image and 250-image banks, 500 queries) of
+the trained teacher and of the same network at its random initialisation.
+
+    python bench/dense_calibrate.py --out /tmp/calib --parallel 2 geo-32-e5 geo-32-sk-e5 ...
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MONITOR_BANK, MONITOR_QUERIES = 400, 150  # per-epoch patch k-NN on subsets: cheap, a little noisy
+LOW_LABEL_BANK = 250  # final patch k-NN also with a 250-image bank: random features need many more neighbours
+
+# An arm is named by '-'-separated words: a preset, then changes, e.g. geo-32-sk-k64-e20.
+PRESETS = {"dino": "tiny-dino", "geo": "tiny-geo", "sim": "tiny-sim", "geosd": "tiny-geo-sd"}
+WORDS = {
+    "32": ['data.train="synthetic-scenes:size=32"'],          # 32-px scenes, the tiny presets' views (8x8 tokens)
+    "64": ['data.train="synthetic-scenes"', "data.global_crop_size=64", "data.local_crop_size=32",
+           "model.patch_size=8"],                             # 64-px scenes, 8-px tokens (8x8 tokens)
+    "sk": ['method.loss.centering="sinkhorn"'],
+    "m99": ["optim.momentum_teacher=0.99"], "m996": ["optim.momentum_teacher=0.996"],
+    "m96": ["optim.momentum_teacher=0.96"],
+    "t04": ["method.loss.teacher_temp=0.04", "method.loss.warmup_teacher_temp=0.04"],
+    "t07": ["method.loss.teacher_temp=0.07", "method.loss.warmup_teacher_temp=0.04",
+            "method.loss.warmup_teacher_temp_epochs=1"],
+    "lr2e2": ["optim.lr=2e-2"], "lr1e2": ["optim.lr=1e-2"], "lr2e3": ["optim.lr=2e-3"], "lr1e3": ["optim.lr=1e-3"],
+    "k64": ["method.local.out_dim=64"], "k256": ["method.local.out_dim=256"], "h64": ["head.out_dim=64"],
+    "w08": ["method.local.weight=0.8"], "w02": ["method.local.weight=0.2"],
+    "nokoleo": ["method.loss.koleo_weight=0"], "koleo01": ["method.loss.koleo_weight=0.1"],
+    "l2": ["data.num_local_crops=2"], "l6": ["data.num_local_crops=6"],
+    "c99": ["method.loss.center_momentum=0.99"],
+    "normlast": ["head.norm_last_layer=true"],
+    # The fmnist-* presets' recipe (stable over 3x their epochs there): size-aware prototypes,
+    # DINO's prototype layer (weight-normalised, frozen for the first epoch), teacher momentum 0.996.
+    "fm": ['head.out_dim="auto"', "head.norm_last_layer=true", "head.freeze_last_layer_epochs=1",
+           "optim.momentum_teacher=0.996"],
+    "fz1": ["head.freeze_last_layer_epochs=1"], "fzall": ["head.freeze_last_layer_epochs=1000"],
+    "dp0": ["model.drop_path_rate=0.0"], "b32": ["data.batch_size=32"],
+    # Small crops: a view then mostly shows one region, so its class is what all views of it agree on.
+    "gs": ["data.global_crop_scale=[0.15, 0.4]", "data.local_crop_scale=[0.04, 0.15]"],
+    "gs2": ["data.global_crop_scale=[0.25, 0.6]", "data.local_crop_scale=[0.05, 0.25]"],
+}
+
+
+def arm_config(name: str) -> tuple[str, list[str]]:
+    """(preset, overrides) of an arm name such as geo-32-sk-e20 (see WORDS; eN sets the epochs)."""
+    if name == "smoke":
+        return "tiny-geo", ['data.train="synthetic-scenes:train=128,val=32,size=32"', "run.epochs=1",
+                            "data.batch_size=32"]
+    first, *words = name.split("-")
+    sets: list[str] = []
+    for word in words:
+        if word.startswith("e") and word[1:].isdigit():
+            sets.append(f"run.epochs={word[1:]}")
+        elif word.startswith("s") and word[1:].isdigit():
+            sets.append(f"run.seed={word[1:]}")
+        else:
+            sets += WORDS[word]
+    return PRESETS[first], sets
+
+
+def patch_knn_miou(backbone, uri: str, size: int, device, bank: int | None = None, queries: int | None = None) -> float:
+    from glsd_cli.data.sources import open_source
+    from glsd_cli.data.subsets import make_subset
+    from glsd_cli.eval.dense import knn_segmentation, segmentation_scores
+    from glsd_cli.eval.features import FeatureRequest, extract_representations
+
+    request = FeatureRequest(mask_size=size)
+    train, val = open_source(uri, "train"), open_source(uri, "val")
+    if bank and bank < len(train):
+        train = make_subset(train, count=bank, seed=0)
+    if queries and queries < len(val):
+        val = make_subset(val, count=queries, seed=0)
+    xt, mt = extract_representations(backbone, train, size, device, request, 256)
+    xv, mv = extract_representations(backbone, val, size, device, request, 256)
+    return segmentation_scores(knn_segmentation(xt["patches"][0], mt, xv["patches"][0], mv, len(train.classes),
+                                                device=device))["miou"]
+
+
+def run_one(name: str, out: Path, device: str) -> None:
+    import torch
+
+    import glsd_cli.engine.pretrain as pretrain_module
+    from glsd_cli.config import resolve
+    from glsd_cli.eval.loading import load_pretrained
+    from glsd_cli.methods import build_method
+
+    preset, sets = arm_config(name)
+    cfg = resolve(preset, sets + [f'run.out="{out / "runs"}"', f'run.name="{name}"', f'run.device="{device}"',
+                                  "run.knn_monitor=false", "data.num_workers=1"])
+    monitor = pretrain_module.knn_monitor_hook
+
+    def with_patch_knn(cfg, method, dev):  # the epoch-end monitor plus patch k-NN on a subset
+        cls_hook = monitor(cfg, method, dev)
+
+        def hook(epoch: int) -> dict:
+            row = cls_hook(epoch) if cls_hook else {}
+            row["patch_knn_miou"] = patch_knn_miou(method.backbone("teacher"), cfg.data.train,
+                                                   cfg.data.global_crop_size, dev, MONITOR_BANK, MONITOR_QUERIES)
+            return row
+        return hook
+
+    pretrain_module.knn_monitor_hook = with_patch_knn
+    started = time.time()
+    run = pretrain_module.pretrain(cfg, preset, quiet=True)
+    seconds = time.time() - started
+    dev = torch.device(device)
+    cfg, method, _ = load_pretrained(run, dev)
+    size, uri = cfg.data.global_crop_size, cfg.data.train
+    trained = patch_knn_miou(method.backbone("teacher"), uri, size, dev)
+    trained_250 = patch_knn_miou(method.backbone("teacher"), uri, size, dev, LOW_LABEL_BANK)
+    torch.manual_seed(cfg.run.seed)
+    random_backbone = build_method(cfg).to(dev).eval().backbone("teacher")
+    random_init = patch_knn_miou(random_backbone, uri, size, dev)
+    random_250 = patch_knn_miou(random_backbone, uri, size, dev, LOW_LABEL_BANK)
+    epochs = [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(open(run / "results.csv"))]
+    record = {"arm": name, "preset": preset, "overrides": sets, "device": device, "pretrain_s": round(seconds, 1),
+              "patch_knn_miou": round(trained, 2), "random_init_patch_knn_miou": round(random_init, 2),
+              "gain": round(trained - random_init, 2), f"patch_knn_miou_bank{LOW_LABEL_BANK}": round(trained_250, 2),
+              f"random_init_patch_knn_miou_bank{LOW_LABEL_BANK}": round(random_250, 2),
+              f"gain_bank{LOW_LABEL_BANK}": round(trained_250 - random_250, 2), "epochs": epochs}
+    (out / f"{name}.json").write_text(json.dumps(record, indent=1))
+    print(json.dumps({k: v for k, v in record.items() if k != "epochs"}), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("arms", nargs="+", help="arm names: a preset word then changes, e.g. geo-32-sk-e20")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--parallel", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per arm")
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in args.arms:
+        arm_config(name)  # unknown words fail here, before anything runs
+    if args.one:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        run_one(args.arms[0], args.out, args.device)
+        return
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+               OMP_WAIT_POLICY="PASSIVE")
+    pending, running = list(args.arms), []
+    while pending or running:
+        while pending and len(running) < args.parallel:
+            name = pending.pop(0)
+            log = open(args.out / f"{name}.log", "w")
+            running.append((name, subprocess.Popen(
+                [sys.executable, __file__, name, "--one", "--out", str(args.out), "--device", args.device,
+                 "--threads", str(args.threads)], env=env, stdout=log, stderr=subprocess.STDOUT)))
+        time.sleep(2)
+        for name, proc in list(running):
+            if proc.poll() is not None:
+                running.remove((name, proc))
+                tail = (args.out / f"{name}.log").read_text().strip().splitlines()[-1:]
+                print(f"{name}: exit {proc.returncode}: {tail[0] if tail else ''}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
