@@ -2,8 +2,8 @@
 
 Each arm is a preset plus overrides, named by words (arm_config); the arms run in parallel processes. Per arm it writes
 OUT/NAME.json: the per-epoch rows of results.csv (teacher entropy and KL, and `patch_knn_miou`:
-patch k-NN mIoU with a 400-image bank and 150 queries, the epoch-end monitor here; the CLS k-NN
-monitor is off) and the final patch k-NN mIoU (2000-image and 250-image banks, 500 queries) of
+patch k-NN mIoU with a 400-image bank and 150 queries, from pretraining's epoch-end monitor, beside
+its CLS k-NN top-1) and the final patch k-NN mIoU (2000-image and 250-image banks, 500 queries) of
 the trained teacher and of the same network at its random initialisation.
 
     python bench/dense_calibrate.py --out /tmp/calib --parallel 2 geo-32-e5 geo-32-sk-e5 ...
@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-MONITOR_BANK, MONITOR_QUERIES = 400, 150  # per-epoch patch k-NN on subsets: cheap, a little noisy
 LOW_LABEL_BANK = 250  # final patch k-NN also with a 250-image bank: random features need many more neighbours
 
 # An arm is named by '-'-separated words: a preset, then changes, e.g. geo-32-sk-k64-e20.
@@ -92,29 +91,17 @@ def patch_knn_miou(backbone, uri: str, size: int, device, bank: int | None = Non
 def run_one(name: str, out: Path, device: str) -> None:
     import torch
 
-    import glsd_cli.engine.pretrain as pretrain_module
+    from glsd_cli.commands.pretrain import pretrain
     from glsd_cli.config import resolve
     from glsd_cli.eval.loading import load_pretrained
     from glsd_cli.methods import build_method
 
     preset, sets = arm_config(name)
+    # The epoch-end monitor reports patch k-NN mIoU on segmentation data (400-image bank, 150 queries).
     cfg = resolve(preset, sets + [f'run.out="{out / "runs"}"', f'run.name="{name}"', f'run.device="{device}"',
-                                  "run.knn_monitor=false", "data.num_workers=1"])
-    monitor = pretrain_module.knn_monitor_hook
-
-    def with_patch_knn(cfg, method, dev):  # the epoch-end monitor plus patch k-NN on a subset
-        cls_hook = monitor(cfg, method, dev)
-
-        def hook(epoch: int) -> dict:
-            row = cls_hook(epoch) if cls_hook else {}
-            row["patch_knn_miou"] = patch_knn_miou(method.backbone("teacher"), cfg.data.train,
-                                                   cfg.data.global_crop_size, dev, MONITOR_BANK, MONITOR_QUERIES)
-            return row
-        return hook
-
-    pretrain_module.knn_monitor_hook = with_patch_knn
+                                  "data.num_workers=1"])
     started = time.time()
-    run = pretrain_module.pretrain(cfg, preset, quiet=True)
+    run = pretrain(cfg, preset, quiet=True)
     seconds = time.time() - started
     dev = torch.device(device)
     cfg, method, _ = load_pretrained(run, dev)

@@ -12,6 +12,7 @@ from PIL import Image
 
 from glsd_cli.data.segmentation import IGNORE_INDEX
 from tests.cli_helpers import run_cli
+from tests.conftest import TINY_OVERRIDES
 from tests.eval_run import copy_run, pretrained_run
 from tests.test_segmentation_data import write_ade, write_mask_folder, write_voc
 
@@ -148,3 +149,17 @@ def test_visualize_segmentation_draws_knn_and_then_the_probe(run, tmp_path, caps
     assert code == 0 and "linear probe of" in err
     second = Image.open(out.strip())
     assert second.width > first.width  # one more column: the probe's
+
+
+def test_pretraining_on_scenes_monitors_patch_knn_miou_as_dense_eval_measures_it(tmp_path, capsys):
+    # Whole splits smaller than the monitor's subsets: the last epoch's monitor saw the same teacher,
+    # bank and queries as dense-eval's k-NN afterwards, so the two must agree.
+    sets = [a for item in TINY_OVERRIDES + [f'data.train="{SCENES}"', "run.epochs=1", "run.knn_monitor=true",
+                                            "data.batch_size=8"] for a in ("--set", item)]
+    code, _, err = run_cli(["pretrain", "--out", str(tmp_path), "--name", "scenes", "--quiet", *sets], capsys)
+    assert code == 0, err
+    row = list(csv.DictReader(open(tmp_path / "scenes" / "results.csv")))[-1]
+    code, _, err = _dense([str(tmp_path / "scenes")], capsys)
+    assert code == 0, err
+    knn = json.loads((tmp_path / "scenes" / "dense.json").read_text())["knn"]["blocks"][0]
+    assert float(row["patch_knn_miou"]) == pytest.approx(knn["miou"], abs=1e-3)

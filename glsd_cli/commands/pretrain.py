@@ -27,6 +27,9 @@ from glsd_cli.pretraining import build_pretraining, compile_backbones, open_trai
 
 KNN_MONITOR_BANK = 10_000  # training images in the epoch-end k-NN monitor's bank, at most
 KNN_MONITOR_QUERIES = 5_000
+# Segmentation data (masks) adds patch k-NN mIoU to the epoch-end monitor, on subsets: label transfer
+# from every token of the bank images costs ~T² more than one CLS each (README "Dense evaluation").
+PATCH_KNN_MONITOR_BANK, PATCH_KNN_MONITOR_QUERIES = 400, 150
 
 
 def new_run_dir(cfg: Config, preset: str) -> Path:
@@ -38,9 +41,12 @@ def new_run_dir(cfg: Config, preset: str) -> Path:
 
 
 def knn_monitor_hook(cfg: Config, method, device: torch.device):
-    """Epoch-end k-NN top-1 (k = 20) of the teacher on the data's held-out split, when it has one."""
+    """Epoch-end k-NN top-1 (k = 20) of the teacher on the data's held-out split, when it has one, and
+    patch k-NN mIoU (dense-eval's label transfer) when that data has masks."""
+    from glsd_cli.data.segmentation import segmentation_base
     from glsd_cli.data.sources import open_source
     from glsd_cli.data.subsets import make_subset
+    from glsd_cli.eval.dense_command import patch_knn_miou
     from glsd_cli.eval.features import extract_features
     from glsd_cli.eval.knn import knn_classify
 
@@ -54,6 +60,9 @@ def knn_monitor_hook(cfg: Config, method, device: torch.device):
         return None
     if same_files(queries, open_source(cfg.data.train, "train")):
         return None  # a folder without train/ and val/ gives the same images for both: no held-out split
+    dense = segmentation_base(bank) is not None and segmentation_base(queries) is not None
+    dense_bank = make_subset(bank, count=min(len(bank), PATCH_KNN_MONITOR_BANK), seed=0) if dense else None
+    dense_queries = make_subset(queries, count=min(len(queries), PATCH_KNN_MONITOR_QUERIES), seed=0) if dense else None
     if len(bank) > KNN_MONITOR_BANK:
         bank = make_subset(bank, count=KNN_MONITOR_BANK, seed=0)
     if len(queries) > KNN_MONITOR_QUERIES:
@@ -67,7 +76,10 @@ def knn_monitor_hook(cfg: Config, method, device: torch.device):
         xb, yb = extract_features(backbone, bank, size, device)
         xq, yq = extract_features(backbone, queries, size, device)
         res = knn_classify(xb, yb, xq, yq, len(bank.classes), ks=(20,))
-        return {"knn_top1": res[20]["top1"]}
+        row = {"knn_top1": res[20]["top1"]}
+        if dense:
+            row["patch_knn_miou"] = patch_knn_miou(backbone, dense_bank, dense_queries, size, device)
+        return row
 
     return hook
 

@@ -24,7 +24,7 @@ from glsd_cli.errors import DataError, GlsdError
 from glsd_cli.eval.dense import grid_side, knn_segmentation, segmentation_scores
 from glsd_cli.eval.dense_probe import DEFAULT_LR, DEFAULT_LR_GRID, probe_confusions, train_dense_probes
 from glsd_cli.eval.feature_cache import FeatureCache
-from glsd_cli.eval.features import FeatureRequest, parse_blocks
+from glsd_cli.eval.features import FeatureRequest, extract_representations, parse_blocks
 from glsd_cli.eval.knn import DEFAULT_TEMPERATURE
 from glsd_cli.eval.loading import load_pretrained, loader_workers
 from glsd_cli.eval.report import pct, print_table, result_paths, write_results
@@ -57,6 +57,17 @@ class DenseOptions:
     cache_dir: Path | None = None
     output: Path | None = None
     quiet: bool = False
+
+
+def patch_knn_miou(backbone, bank: ImageSource, queries: ImageSource, image_size: int, device: torch.device) -> float:
+    """Patch k-NN mIoU (k = 20) of the final block's tokens, masks at the image size: the quick form of
+    dense-eval's label transfer that pre-training's epoch-end monitor reports on segmentation data."""
+    request = FeatureRequest(mask_size=image_size)
+    bank_tokens, bank_masks = extract_representations(backbone, bank, image_size, device, request)
+    query_tokens, query_masks = extract_representations(backbone, queries, image_size, device, request)
+    confusion = knn_segmentation(bank_tokens["patches"][-1], bank_masks, query_tokens["patches"][-1], query_masks,
+                                 len(bank.classes), device=device)
+    return segmentation_scores(confusion)["miou"]
 
 
 def _check(opts: DenseOptions) -> None:
