@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LOW_LABEL_BANK = 250  # final patch k-NN also with a 250-image bank: random features need many more neighbours
 
 # An arm is named by '-'-separated words: a preset, then changes, e.g. geo-32-sk-k64-e20.
-PRESETS = {"dino": "tiny-dino", "geo": "tiny-geo", "sim": "tiny-sim", "geosd": "tiny-geo-sd"}
+PRESETS = {"scenes": "scenes-dino", "scenesgeo": "scenes-geo", "dino": "tiny-dino", "geo": "tiny-geo", "sim": "tiny-sim", "geosd": "tiny-geo-sd"}
 WORDS = {
     "32": ['data.train="synthetic-scenes:size=32"'],          # 32-px scenes, the tiny presets' views (8x8 tokens)
     "64": ['data.train="synthetic-scenes"', "data.global_crop_size=64", "data.local_crop_size=32",
@@ -34,6 +34,7 @@ WORDS = {
     "t04": ["method.loss.teacher_temp=0.04", "method.loss.warmup_teacher_temp=0.04"],
     "t07": ["method.loss.teacher_temp=0.07", "method.loss.warmup_teacher_temp=0.04",
             "method.loss.warmup_teacher_temp_epochs=1"],
+    "t01": ["method.loss.teacher_temp=0.01", "method.loss.warmup_teacher_temp=0.01"],
     "lr2e2": ["optim.lr=2e-2"], "lr1e2": ["optim.lr=1e-2"], "lr2e3": ["optim.lr=2e-3"], "lr1e3": ["optim.lr=1e-3"],
     "k64": ["method.local.out_dim=64"], "k256": ["method.local.out_dim=256"], "h64": ["head.out_dim=64"],
     "w08": ["method.local.weight=0.8"], "w02": ["method.local.weight=0.2"],

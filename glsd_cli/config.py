@@ -212,7 +212,24 @@ class Config(Section):
 
     @classmethod
     def from_json(cls, text: str) -> "Config":
-        return validate(json.loads(text), source="checkpoint config")
+        return validate(_one_method_layout(json.loads(text)), source="checkpoint config")
+
+
+def _one_method_layout(data: Any) -> Any:
+    """A checkpoint config written before the method section held one method's settings only (glsd
+    before 2026-11-27 saved every method's sections with every run) → today's layout, so those runs
+    still load: the other methods' sections go, and a two-view run's DINO head and local crops, which
+    it never used, return to their defaults."""
+    method = data.get("method") if isinstance(data, dict) else None
+    if not isinstance(method, dict) or not {"loss", "local"} <= method.keys() or "contrastive" not in method:
+        return data
+    name = method.get("name", "dino")
+    if name == "dino":
+        sd = {k: v for k, v in method.get("sd", {}).items() if k != "predictor_only_term"}
+        return {**data, "method": {"name": name, "loss": method["loss"], "local": method["local"], "sd": sd}}
+    data = {**data, "method": {"name": name, "sd": method.get("sd", {}), "contrastive": method["contrastive"]},
+            "head": {}}
+    return {**data, "data": {**data.get("data", {}), "num_local_crops": 0}}
 
 
 # ---------------------------------------------------------------- presets and overrides

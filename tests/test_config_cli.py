@@ -113,3 +113,21 @@ def test_each_method_config_round_trips_through_a_checkpoints_json():
         cfg = resolve(name)
         again = Config.from_json(cfg.to_json())
         assert again == cfg and type(again.method) is type(cfg.method)
+
+
+@pytest.mark.parametrize("name", ["tiny-geo", "tiny-simclr-sd"])
+def test_a_checkpoint_config_of_the_earlier_all_methods_layout_still_loads(name):
+    # Until 2026-11-27 every run saved all methods' sections; a dino run's sd had predictor_only_term,
+    # a two-view run kept the tiny DINO head and local crops it never used.
+    cfg = resolve(name)
+    old = json.loads(cfg.to_json())
+    every = {"loss": json.loads(resolve("tiny-geo").to_json())["method"]["loss"],
+             "local": json.loads(resolve("tiny-geo").to_json())["method"]["local"],
+             "sd": {"enabled": cfg.method.sd.enabled, "layers": "all", "ratio": 0.8, "predictor_only_term": True},
+             "contrastive": json.loads(resolve("tiny-simclr-sd").to_json())["method"]["contrastive"]}
+    old["method"] = {"name": cfg.method.name, **every}
+    old["head"] = json.loads(resolve("tiny-geo").to_json())["head"]
+    old["data"]["num_local_crops"] = cfg.data.num_local_crops or 4
+    again = Config.from_json(json.dumps(old))
+    assert again.method == cfg.method and again.model == cfg.model
+    assert again.data.num_local_crops == cfg.data.num_local_crops
