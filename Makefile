@@ -7,7 +7,7 @@ DEMO_OUT := runs
 # Passive OpenMP waiting: spinning threads starve the data workers on small CPUs (glsd_cli/__init__.py).
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: venv demo test test-slow test-all wheel-check bench bench-lowdata bench-sdssl clean
+.PHONY: venv demo test test-slow test-all wheel-check bench bench-lowdata bench-sdssl bench-dense clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -66,6 +66,11 @@ bench-lowdata: $(STAMP)
 bench-sdssl: $(STAMP)
 	test -d /usr/share/datasets/fashion-mnist || (apt-get update && apt-get install -y dataset-fashion-mnist)
 	nice -n 10 $(BIN)/python bench/sdssl_layers.py
+
+## GLSD's local loss by dense evaluation on the built-in scenes: DINO, similarity and geometric matching,
+## 3 seeds each (bench/dense_arms.py; bench/results/dense_arms.{md,json}).
+bench-dense: $(STAMP)
+	nice -n 10 $(BIN)/python bench/dense_arms.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache build dist

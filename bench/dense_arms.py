@@ -3,16 +3,17 @@
 The question, fixed before the runs: on synthetic-scenes (2000 training images, 500 evaluation
 images), does geometric matching beat no local loss on dense mIoU, and does similarity matching fall
 below it? Arms with an identical budget (the scenes-* presets: model, views, batch, epochs): DINO
-(no local loss), similarity matching (EsViT), geometric matching (GLSD) and geometric + SD, each
+(no local loss), similarity matching (EsViT), geometric matching (GLSD) and, on request, geometric + SD, each
 pre-trained with the same seeds through the CLI, then evaluated by `glsd dense-eval` (linear probe
 mIoU with its lr chosen on a holdout, patch k-NN mIoU) and by `glsd knn-eval` (CLS k-NN of the
 class that covers most of each image). Per seed, the differences to the DINO arm trained with that
 seed (paired differences) are reported beside the means. The network of each seed at its random
-initialisation is evaluated the same way. Every run's collapse statistics of its last epoch are
-kept, to check that each arm trained stably at this budget. Writes bench/results/dense_arms.json
+initialisation is evaluated the same way. Every run's collapse statistics of its last epoch, and
+the collapse warnings its epochs raise, are kept: does each arm train stably at this budget? Writes bench/results/dense_arms.json
 and bench/results/dense_arms.md.
 
-    nice -n 10 python bench/dense_arms.py                    # 4 arms x 3 seeds
+    nice -n 10 python bench/dense_arms.py                    # 3 arms x 3 seeds (make bench-dense)
+    nice -n 10 python bench/dense_arms.py --arms dino,similarity,geometric,geometric+sd
     python bench/dense_arms.py --seeds 1 --epochs 1 --out /tmp/smoke --results /tmp/smoke   # a smoke run
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import resource
 import statistics
 import subprocess
@@ -57,11 +59,24 @@ def evaluate(run: Path, random_init: bool = False) -> dict:
             "linear_pixel_acc": dense["linear_pixel_acc"], "knn_pixel_acc": dense["knn_pixel_acc"]}
 
 
-def last_epoch(run: Path) -> dict:
+def monitors(run: Path) -> dict:
+    """The last epoch's collapse statistics (and log K) and every collapse warning the run's epochs
+    raise, judged as the Trainer judges them (engine/monitors.py): is this arm training stably?"""
+    from glsd_cli.config import Config
+    from glsd_cli.engine.monitors import COLLAPSE_KEYS, collapse_warning
+
     with open(run / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
+    cfg = Config.from_json((run / "config.json").read_text())
+    k = cfg.head.out_dim
+    warnings = []
+    for epoch, row in enumerate(rows):
+        if all(row.get(key) for key in COLLAPSE_KEYS):
+            text = collapse_warning({key: float(row[key]) for key in COLLAPSE_KEYS}, k, epoch, rows[:epoch])
+            warnings += [text] if text else []
     keep = ("teacher_entropy", "teacher_kl_uniform", "loss")
-    return {"epochs": len(rows), **{k: float(rows[-1][k]) for k in keep if rows[-1].get(k)}}
+    return {"epochs": len(rows), "log_k": round(math.log(k), 4), **{key: float(rows[-1][key]) for key in keep
+                                                                    if rows[-1].get(key)}, "warnings": warnings}
 
 
 def mean_std(values: list[float]) -> dict:
@@ -73,7 +88,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=None, help="pre-training epochs (default: the presets')")
-    ap.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of " + ", ".join(ARMS))
+    ap.add_argument("--arms", default="dino,similarity,geometric",
+                    help="comma-separated, from " + ", ".join(ARMS) + " (geometric+sd: about 15 minutes more)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "dense-arms"), help="folder of the runs")
     ap.add_argument("--results", default=str(RESULTS), help="folder of dense_arms.json and .md")
     ap.add_argument("--data", default=None, help="pre-training and evaluation data instead of the presets' (smoke runs)")
@@ -93,7 +109,7 @@ def main() -> None:
                 glsd("pretrain", "--preset", preset, "--out", args.out, "--name", name, *epochs, *data,
                      "--seed", str(seed), "-q", "--set", "run.knn_monitor=false", *extra)
             seconds = (run / "done.json").stat().st_mtime - (run / "config.json").stat().st_mtime
-            record = {"seed": seed, "pretrain_s": round(seconds, 1), **evaluate(run), "last_epoch": last_epoch(run)}
+            record = {"seed": seed, "pretrain_s": round(seconds, 1), **evaluate(run), "monitors": monitors(run)}
             runs.setdefault(arm, []).append(record)
             print(f"{arm:<13} seed {seed}: " + "  ".join(f"{m} {record[m]:.2f}" for m in METRICS)
                   + f"  ({time.time() - started:.0f} s)", flush=True)
@@ -162,6 +178,15 @@ def _table(summary: dict) -> str:
                   "| arm | " + " | ".join(NAMES[m] for m in METRICS) + " |", "|---|" + "---|" * len(METRICS)]
         lines += [f"| {arm} | " + " | ".join(diff(arms[arm], m, "random_init") for m in METRICS) + " |"
                   for arm in gained]
+    trained = [arm for arm, e in arms.items() if arm != "random-init"]
+    lines += ["", "Collapse monitors of the last epoch (teacher entropy and KL(mean ‖ uniform) in nats, seed 0 / 1 / 2) "
+              "and collapse warnings over all epochs:", "",
+              "| arm | log K | teacher entropy | KL to uniform | warnings |", "|---|---:|---|---|---:|"]
+    for arm in trained:
+        mons = [r["monitors"] for r in arms[arm]["records"]]
+        lines.append(f"| {arm} | {mons[0]['log_k']:.2f} | " + " / ".join(f"{m['teacher_entropy']:.2f}" for m in mons)
+                     + " | " + " / ".join(f"{m['teacher_kl_uniform']:.3f}" for m in mons)
+                     + f" | {sum(len(m['warnings']) for m in mons)} |")
     return (f"{summary['data']}, {summary['epochs']} epochs, {summary['seeds']} seed(s), mean ± std over seeds; "
             f"wall {summary['wall_s']} s, CPU {summary['cpu_s']} s:\n\n" + "\n".join(lines) + "\n")
 
