@@ -86,7 +86,9 @@ def _drift_warning(summary: dict[str, float], history: list[dict[str, float]], l
             (KL_UNIFORM, "one prototype for every image", "Raise method.loss.teacher_temp, lower optim.lr, or use "
                                                           "method.loss.centering=sinkhorn.")):
         series = [h[key] / log_k for h in recent]
-        if _slope(series) >= DRIFT_SLOPE and series[-1] >= DRIFT_LEVEL:
+        # Still climbing: this epoch is the highest of the window (a rise at the start of training
+        # that has already turned, as Sinkhorn's warm-up makes on scenes-dino, is no drift).
+        if _slope(series) >= DRIFT_SLOPE and series[-1] >= DRIFT_LEVEL and series[-1] >= max(series):
             trail = " → ".join(f"{h[key]:.2f}" for h in recent)
             name = "entropy" if key == ENTROPY else "KL(mean ‖ uniform)"
             return (f"collapse warning (epoch {epoch}): the teacher is drifting toward {toward}: its {name} rose "
