@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import Dataset
 
+from glsd_cli.errors import DataError
+
 
 @dataclass
 class SourceInfo:
@@ -117,3 +119,7 @@ def same_files(a: ImageSource, b: ImageSource) -> bool:
     """Whether two sources read the same image files (a folder without train/ and val/ serves both splits)."""
     files = root_file_list(a)
     return files is not None and files == root_file_list(b)
+
+
+def no_split_error(name: str, split: str) -> DataError:
+    return DataError(f"{name} has no '{split}' split: expected train or val (test).")
