@@ -9,7 +9,7 @@ import torch
 
 from glsd_cli.data.segmentation import IGNORE_INDEX
 from glsd_cli.eval.dense import (confusion_matrix, knn_segmentation, pixel_scores, segmentation_scores,
-                                 token_labels)
+                                 token_label_distributions)
 
 
 def test_miou_and_pixel_accuracy_match_a_per_class_count():
@@ -43,22 +43,23 @@ def test_a_class_only_predicted_counts_with_iou_zero():
     assert scores["iou"] == {"0": 75.0, "1": 0.0, "2": None} and scores["miou"] == pytest.approx(37.5)
 
 
-def test_token_labels_are_the_majority_class_of_each_cell_ignoring_255():
+def test_token_label_distributions_count_each_cells_pixels_ignoring_255():
     rng = np.random.default_rng(1)
     masks = rng.integers(0, 3, size=(2, 8, 8)).astype(np.uint8)
     masks[0, :4, :4] = IGNORE_INDEX                 # one cell entirely ignored
-    masks[1, :4, 4:] = [[1, 1, 2, 2]] * 4           # a tie 1 / 2 goes to the lower class
     masks[1, 4:, :4] = IGNORE_INDEX
-    masks[1, 4, 0] = 2                              # one labelled pixel among ignored ones decides
-    labels = token_labels(torch.from_numpy(masks), 4, 3)
+    masks[1, 4, 0] = 2                              # one labelled pixel among ignored ones is all of it
+    dist, valid = token_label_distributions(torch.from_numpy(masks), 4, 3)
     for n in range(2):
         for r in range(2):
             for c in range(2):
                 cell = masks[n, 4 * r:4 * r + 4, 4 * c:4 * c + 4].ravel()
                 cell = cell[cell != IGNORE_INDEX]
-                expected = -1 if cell.size == 0 else int(np.bincount(cell, minlength=3).argmax())
-                assert labels[n, 2 * r + c] == expected
-    assert labels[0, 0] == -1 and labels[1, 1] == 1 and labels[1, 2] == 2
+                assert bool(valid[n, 2 * r + c]) == (cell.size > 0)
+                if cell.size:
+                    expected = np.bincount(cell, minlength=3) / cell.size
+                    assert dist[n, 2 * r + c].numpy() == pytest.approx(expected)
+    assert not valid[0, 0] and dist[1, 2].tolist() == [0.0, 0.0, 1.0]
 
 
 def test_pixel_scores_upsample_bilinearly_with_half_pixel_centres():
@@ -70,16 +71,26 @@ def test_pixel_scores_upsample_bilinearly_with_half_pixel_centres():
     assert up[0, 1] == pytest.approx(0.25) and up[1, 1] == pytest.approx(0.25 + 0.5)
 
 
-def brute_force_knn(train_tokens, train_labels, eval_tokens, num_classes, k, temperature):
-    """Per evaluation token: explicit cosine similarities, sort, exp-weighted vote; argmax (lower class on ties)."""
-    bank = [(t, int(l)) for t, l in zip(train_tokens.reshape(-1, train_tokens.shape[-1]), train_labels.reshape(-1))
-            if l >= 0]
+def brute_force_knn(train_tokens, train_masks, eval_tokens, num_classes, k, temperature):
+    """Per evaluation token: explicit cosine similarities, sort, the exp-weighted sum of the k nearest
+    tokens' class fractions (each training token's pixels counted by hand); argmax (lower class on ties)."""
+    grid = math.isqrt(train_tokens.shape[1])
+    cell = train_masks.shape[-1] // grid
+    bank = []
+    for n in range(len(train_tokens)):
+        for t in range(grid * grid):
+            r, c = divmod(t, grid)
+            pixels = train_masks[n, r * cell:(r + 1) * cell, c * cell:(c + 1) * cell].reshape(-1).tolist()
+            pixels = [p for p in pixels if p != IGNORE_INDEX]
+            if pixels:
+                bank.append((train_tokens[n, t], [pixels.count(j) / len(pixels) for j in range(num_classes)]))
     preds = []
     for q in eval_tokens.reshape(-1, eval_tokens.shape[-1]):
-        sims = sorted(((float(q @ t) / float(q.norm() * t.norm()), label) for t, label in bank), key=lambda p: -p[0])
+        sims = sorted(((float(q @ t) / float(q.norm() * t.norm()), d) for t, d in bank), key=lambda p: -p[0])
         votes = [0.0] * num_classes
-        for s, label in sims[:k]:
-            votes[label] += math.exp(s / temperature)
+        for s, d in sims[:k]:
+            for j in range(num_classes):
+                votes[j] += math.exp(s / temperature) * d[j]
         preds.append(max(range(num_classes), key=lambda c: (votes[c], -c)))
     return torch.tensor(preds).reshape(eval_tokens.shape[:2])
 
@@ -89,13 +100,15 @@ def test_patch_knn_matches_brute_force_on_the_token_grid():
     classes, grid = 4, 3
     train = torch.randn(5, grid * grid, 6, dtype=torch.float64)
     val = torch.randn(2, grid * grid, 6, dtype=torch.float64)
-    train_masks = torch.randint(0, classes, (5, grid, grid), dtype=torch.uint8)
-    train_masks[0, 0, 0] = IGNORE_INDEX  # an ignored token leaves the bank
+    # Training masks of 2 x 2 pixels per token: mixed cells, an ignored pixel, an ignored cell.
+    train_masks = torch.randint(0, classes, (5, 2 * grid, 2 * grid), dtype=torch.uint8)
+    train_masks[0, 0, 0] = IGNORE_INDEX
+    train_masks[1, :2, :2] = IGNORE_INDEX  # a token over ignored pixels only leaves the bank
     val_masks = torch.randint(0, classes, (2, grid, grid), dtype=torch.uint8)
     val_masks[1, 2, 2] = IGNORE_INDEX
-    # Masks at the token grid's resolution: upsampling is the identity, so each pixel is one token.
+    # Evaluation masks at the token grid's resolution: upsampling is the identity, one pixel per token.
     conf = knn_segmentation(train, train_masks, val, val_masks, classes, k=7, temperature=0.1, max_similarities=400)
-    pred = brute_force_knn(train, token_labels(train_masks, grid * grid, classes), val, classes, 7, 0.1)
+    pred = brute_force_knn(train, train_masks, val, classes, 7, 0.1)
     assert torch.equal(conf, confusion_matrix(pred.reshape(2, grid, grid), val_masks, classes))
 
 

@@ -7,10 +7,11 @@
   matrix, not a mean of per-image scores), averaged over the classes that occur in the ground truth
   or the predictions (a class with an empty union has no IoU), as mmsegmentation's `mean_iou`.
   Pixels labelled IGNORE_INDEX count nowhere. Pixel accuracy: correct / evaluated pixels.
-- Patch k-NN label transfer: each training token is labelled with the most frequent class of the
-  mask pixels it covers (ties to the lower class; tokens over ignore pixels only leave the bank);
-  each evaluation token takes DINO's weighted vote exp(sim / T) of its k most cosine-similar
-  training tokens (knn.py), normalised to sum to 1, and those scores go through the same upsampling.
+- Patch k-NN label transfer (Balažević et al. 2023, "Hummingbird"; docs/algorithms.md §7): each
+  training token carries the class distribution of the mask pixels it covers (ignore pixels left
+  out; a token over ignore pixels only leaves the bank); each evaluation token averages the
+  distributions of its k most cosine-similar training tokens with DINO's weights exp(sim / T),
+  normalised to sum to 1, and those scores go through the same upsampling.
 """
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ import torch
 import torch.nn.functional as F
 
 from glsd_cli.data.segmentation import IGNORE_INDEX
-from glsd_cli.eval.knn import weighted_votes
 
 
 def grid_side(num_tokens: int) -> int:
@@ -65,18 +65,18 @@ def segmentation_scores(confusion: torch.Tensor, class_names: list[str] | None =
     }
 
 
-def token_labels(masks: torch.Tensor, num_tokens: int, num_classes: int) -> torch.Tensor:
-    """(N, M, M) masks → (N, T) int64: the most frequent class of each token's cell, -1 if all ignored.
-
-    Cells are the G x G tiles of the mask (adaptive pooling when M is not a multiple of G)."""
+def token_label_distributions(masks: torch.Tensor, num_tokens: int, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, M, M) masks → ((N, T, C) float: each token cell's class distribution over its non-ignored
+    pixels, (N, T) bool: the cell has at least one such pixel). Cells are the G x G tiles of the mask
+    (adaptive pooling when M is not a multiple of G)."""
     g = grid_side(num_tokens)
     labels = masks.long()
     valid = labels != IGNORE_INDEX
     one_hot = F.one_hot(torch.where(valid, labels, num_classes), num_classes + 1)[..., :num_classes]
     counts = F.adaptive_avg_pool2d(one_hot.permute(0, 3, 1, 2).float(), (g, g))  # (N, C, G, G)
-    best = counts.argmax(1)  # ties: the first maximum, i.e. the lower class
-    best[counts.amax(1) <= 0] = -1
-    return best.reshape(len(masks), -1)
+    counts = counts.flatten(2).transpose(1, 2)  # (N, T, C)
+    total = counts.sum(-1)
+    return counts / total.clamp_min(1e-12).unsqueeze(-1), total > 0
 
 
 @torch.no_grad()
@@ -84,24 +84,26 @@ def knn_pixel_scores(train_tokens: torch.Tensor, train_masks: torch.Tensor, eval
                      mask_size: int, num_classes: int, k: int = 20, temperature: float = 0.07,
                      device: torch.device | str = "cpu", max_similarities: int = 2 ** 26
                      ) -> Iterator[tuple[int, torch.Tensor]]:
-    """Patch-level k-NN label transfer (module docstring): (first image, (B, C, M, M) scores) per chunk.
+    """Patch k-NN label transfer (module docstring): (first image, (B, C, M, M) scores) per chunk.
 
     train_tokens (N, T, D), train_masks (N, M', M'), eval_tokens (Q, T', D). Queries go in chunks of
-    whole images, as many as keep the similarity matrix within `max_similarities` entries (256 MiB)."""
-    labels = token_labels(train_masks, train_tokens.shape[1], num_classes).reshape(-1)
-    keep = labels >= 0
+    whole images, as many as keep the similarity matrix, and the neighbours' gathered distributions,
+    within `max_similarities` entries each (256 MiB)."""
+    distributions, keep = token_label_distributions(train_masks, train_tokens.shape[1], num_classes)
+    keep = keep.reshape(-1)
     if not bool(keep.any()):
         raise ValueError("every training token covers ignored pixels only: the k-NN bank is empty")
     bank = F.normalize(train_tokens.reshape(-1, train_tokens.shape[-1])[keep].float(), dim=1).to(device)
-    bank_labels = labels[keep].to(device)
+    bank_labels = distributions.reshape(-1, num_classes)[keep].to(device)
     kk = min(k, len(bank))
     per_image = eval_tokens.shape[1]
-    images_per_chunk = max(1, max_similarities // (per_image * len(bank)))
+    images_per_chunk = max(1, max_similarities // (per_image * max(len(bank), kk * num_classes)))
     for start in range(0, len(eval_tokens), images_per_chunk):
         chunk = eval_tokens[start:start + images_per_chunk].to(device)
         queries = F.normalize(chunk.reshape(-1, chunk.shape[-1]).float(), dim=1)
         top_sim, top_idx = (queries @ bank.T).topk(kk, dim=1)
-        votes = weighted_votes((top_sim / temperature).exp(), bank_labels[top_idx], kk, num_classes)
+        weights = (top_sim / temperature).exp()
+        votes = torch.einsum("qk,qkc->qc", weights, bank_labels[top_idx])
         votes = votes / votes.sum(1, keepdim=True)
         yield start, pixel_scores(votes.reshape(len(chunk), per_image, num_classes), mask_size)
 
