@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 
 from glsd_cli.config import Config
-from glsd_cli.data.base import ImageSource, innermost, same_files
+from glsd_cli.data.base import ImageSource, SubsetSource, innermost, same_files
 from glsd_cli.data.loader import EpochSampler, ViewsDataset, make_loader
 from glsd_cli.data.photometric import DevicePhotometric
+from glsd_cli.data.sources import FolderSource
 from glsd_cli.engine import distributed as dist
 from glsd_cli.engine.checkpoint import CHECKPOINT_NAME, read_checkpoint
 from glsd_cli.engine.metrics import console
@@ -101,7 +102,7 @@ def pretrain(cfg: Config, preset: str, resume: Path | None = None, quiet: bool =
 
     source = open_training_source(cfg, "train")
     base = innermost(source)[0]
-    if hasattr(base, "max_bad_fraction"):  # the folder source judges what its workers read
+    if isinstance(base, FolderSource):  # the folder source judges what its workers read
         base.max_bad_fraction = cfg.run.max_bad_image_fraction
     if len(source) < cfg.data.batch_size:
         raise DataError(f"the training data has {len(source)} images, fewer than one batch of {cfg.data.batch_size}; "
@@ -117,7 +118,7 @@ def pretrain(cfg: Config, preset: str, resume: Path | None = None, quiet: bool =
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(cfg.to_json())
-        if hasattr(source, "indices"):
+        if isinstance(source, SubsetSource):
             from glsd_cli.data.subsets import save_file_list
 
             save_file_list(source, run_dir / "files.txt")
