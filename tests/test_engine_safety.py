@@ -225,6 +225,8 @@ def test_results_png_is_drawn_at_each_epoch_end_from_the_logs(tmp_path):
     # The panels follow what was logged: here loss and lr per step, plus an epoch-end k-NN value.
     titles = [p[0] for p in _panels(_step_records(tmp_path), [{"epoch": "0", "knn_top1": "42.0"}])]
     assert titles == ["loss terms", "learning rate", "k-NN top-1 (%)"]
+    on_masks = _panels(_step_records(tmp_path), [{"epoch": "0", "knn_top1": "42.0", "patch_knn_miou": "61.5"}])
+    assert on_masks[-1] == ("patch k-NN mIoU (%)", "epoch", {"patch_knn_miou": ([1], [61.5])})
 
 
 def _epochs(entropies, kls):

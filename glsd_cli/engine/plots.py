@@ -1,7 +1,8 @@
 """results.png: the training curves of a run, redrawn from its logs at every epoch end.
 
 Panels (each only when the run logged it): loss terms, learning rate, teacher temperature, EMA
-momentum, λ(t) of self-distillation, the collapse monitors, and the epoch-end k-NN monitor.
+momentum, λ(t) of self-distillation, the collapse monitors, and the epoch-end k-NN monitors (CLS
+top-1; patch k-NN mIoU on segmentation data).
 Drawn headless (Agg) and written atomically, so a viewer never sees half a PNG.
 """
 from __future__ import annotations
@@ -50,9 +51,10 @@ def _panels(steps: list[dict], epochs: list[dict]) -> list[tuple[str, str, dict[
         ("collapse monitors (nats)", "step", series(["teacher_entropy", "teacher_kl_uniform"])),
         ("centre norm", "step", series(sorted(k for k in keys if k.startswith("center_norm")))),
     ]
-    knn = [(int(r["epoch"]) + 1, float(r["knn_top1"])) for r in epochs if r.get("knn_top1") not in (None, "")]
-    if knn:
-        panels.append(("k-NN top-1 (%)", "epoch", {"knn_top1": ([p[0] for p in knn], [p[1] for p in knn])}))
+    for key, title in (("knn_top1", "k-NN top-1 (%)"), ("patch_knn_miou", "patch k-NN mIoU (%)")):
+        points = [(int(r["epoch"]) + 1, float(r[key])) for r in epochs if r.get(key) not in (None, "")]
+        if points:
+            panels.append((title, "epoch", {key: ([p[0] for p in points], [p[1] for p in points])}))
     return [p for p in panels if p[2]]
 
 
