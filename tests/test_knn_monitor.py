@@ -6,7 +6,7 @@ import torchvision
 
 from glsd_cli.config import resolve
 from glsd_cli.commands.pretrain import knn_monitor_hook
-from glsd_cli.pretraining import open_training_source
+from glsd_cli.pretraining import build_pretraining, open_training_source
 
 
 def _folder(root: Path, split: str = "") -> None:
@@ -60,3 +60,14 @@ def test_evaluation_bank_is_the_runs_own_subset_unless_told_otherwise(tmp_path):
     cfg = resolve("tiny-dino", [f'data.train="{data}"', f'data.classes_file="{classes}"'])
     bank, val = open_labelled_pair(cfg, None, None)  # a class subset restricts the held-out split too
     assert bank.classes == val.classes == ["hstripes", "vstripes"] and len(bank) == 20 and len(val) == 6
+
+
+def test_segmentation_folder_without_image_labels_gets_the_patch_monitor_only(tmp_path):
+    from tests.test_segmentation_data import write_mask_folder
+
+    write_mask_folder(tmp_path, n_train=4, n_val=2, size=(16, 16))
+    cfg = resolve("tiny-dino", [f'data.train="{tmp_path}"', "data.global_crop_size=16", "model.patch_size=4",
+                                "model.depth=1"])
+    method = build_pretraining(cfg, 4).method
+    row = knn_monitor_hook(cfg, method, torch.device("cpu"))(0)
+    assert set(row) == {"patch_knn_miou"} and 0 <= row["patch_knn_miou"] <= 100

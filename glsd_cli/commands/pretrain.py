@@ -42,8 +42,8 @@ def new_run_dir(cfg: Config, preset: str) -> Path:
 
 
 def knn_monitor_hook(cfg: Config, method, device: torch.device):
-    """Epoch-end k-NN top-1 (k = 20) of the teacher on the data's held-out split, when it has one, and
-    patch k-NN mIoU (dense-eval's label transfer) when that data has masks."""
+    """Epoch-end k-NN top-1 (k = 20) of the teacher on the data's held-out split, when it has one with
+    image labels, and patch k-NN mIoU (dense-eval's label transfer) when it has masks."""
     from glsd_cli.data.segmentation import segmentation_base
     from glsd_cli.data.sources import open_source
     from glsd_cli.data.subsets import make_subset
@@ -57,11 +57,12 @@ def knn_monitor_hook(cfg: Config, method, device: torch.device):
         bank, queries = open_training_source(cfg, "train"), open_source(cfg.data.train, "val")
     except (DataError, GlsdError):
         return None
-    if not (bank.labelled and queries.labelled):
+    labelled = bank.labelled and queries.labelled
+    dense = segmentation_base(bank) is not None and segmentation_base(queries) is not None  # masks: no image labels needed
+    if not (labelled or dense):
         return None
     if same_files(queries, open_source(cfg.data.train, "train")):
         return None  # a folder without train/ and val/ gives the same images for both: no held-out split
-    dense = segmentation_base(bank) is not None and segmentation_base(queries) is not None
     dense_bank = make_subset(bank, count=min(len(bank), PATCH_KNN_MONITOR_BANK), seed=0) if dense else None
     dense_queries = make_subset(queries, count=min(len(queries), PATCH_KNN_MONITOR_QUERIES), seed=0) if dense else None
     if len(bank) > KNN_MONITOR_BANK:
@@ -74,10 +75,11 @@ def knn_monitor_hook(cfg: Config, method, device: torch.device):
             return {}
         size = cfg.data.global_crop_size
         backbone = method.backbone("teacher")
-        xb, yb = extract_features(backbone, bank, size, device)
-        xq, yq = extract_features(backbone, queries, size, device)
-        res = knn_classify(xb, yb, xq, yq, len(bank.classes), ks=(20,))
-        row = {"knn_top1": res[20]["top1"]}
+        row = {}
+        if labelled:
+            xb, yb = extract_features(backbone, bank, size, device)
+            xq, yq = extract_features(backbone, queries, size, device)
+            row["knn_top1"] = knn_classify(xb, yb, xq, yq, len(bank.classes), ks=(20,))[20]["top1"]
         if dense:
             row["patch_knn_miou"] = patch_knn_miou(backbone, dense_bank, dense_queries, size, device)
         return row
