@@ -22,15 +22,13 @@ import argparse
 import csv
 import json
 import math
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, machine  # noqa: E402  (first: sets paths and the OpenMP wait policy)
+from common import RESULTS, ROOT, cpu_seconds, glsd, machine, pretrain_seconds  # noqa: E402  (first: sets paths and the OpenMP wait policy)
 
 import torch  # noqa: E402
 
@@ -42,18 +40,17 @@ NAMES = {"linear_miou": "linear mIoU", "knn_miou": "patch k-NN mIoU", "linear_mi
          "knn_miou_low": "patch k-NN mIoU, 250 labelled", "cls_knn_top1": "CLS k-NN top-1"}
 
 
-def glsd(*args: str) -> dict:
+def glsd_summary(*args: str) -> dict:
     """Run the CLI; its last stdout line is the command's JSON summary."""
-    cmd = [sys.executable, "-m", "glsd_cli", *args]
-    lines = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip().splitlines()
+    lines = glsd(*args).strip().splitlines()
     return json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {}
 
 
 def evaluate(run: Path, random_init: bool = False) -> dict:
     flag = ["--random-init"] if random_init else []
-    dense = glsd("dense-eval", str(run), "-q", *flag)
-    low = glsd("dense-eval", str(run), "-q", "--train-fraction", str(LOW_LABEL_FRACTION), *flag)
-    knn = glsd("knn-eval", str(run), "-q", "--k", "20", *flag)
+    dense = glsd_summary("dense-eval", str(run), "-q", *flag)
+    low = glsd_summary("dense-eval", str(run), "-q", "--train-fraction", str(LOW_LABEL_FRACTION), *flag)
+    knn = glsd_summary("knn-eval", str(run), "-q", "--k", "20", *flag)
     return {"linear_miou": dense["linear_miou"], "knn_miou": dense["knn_miou"], "linear_miou_low": low["linear_miou"],
             "knn_miou_low": low["knn_miou"], "cls_knn_top1": knn["top1"],
             "linear_pixel_acc": dense["linear_pixel_acc"], "knn_pixel_acc": dense["knn_pixel_acc"]}
@@ -95,7 +92,7 @@ def main() -> None:
     ap.add_argument("--data", default=None, help="pre-training and evaluation data instead of the presets' (smoke runs)")
     args = ap.parse_args()
     arms = args.arms.split(",")
-    started, cpu_started = time.time(), _cpu_seconds()
+    started, cpu_started = time.time(), cpu_seconds()
     runs: dict[str, list[dict]] = {}
     for seed in range(args.seeds):
         for arm in arms:
@@ -108,8 +105,7 @@ def main() -> None:
                 data = ["--data", args.data] if args.data else []
                 glsd("pretrain", "--preset", preset, "--out", args.out, "--name", name, *epochs, *data,
                      "--seed", str(seed), "-q", "--set", "run.knn_monitor=false", *extra)
-            seconds = (run / "done.json").stat().st_mtime - (run / "config.json").stat().st_mtime
-            record = {"seed": seed, "pretrain_s": round(seconds, 1), **evaluate(run), "monitors": monitors(run)}
+            record = {"seed": seed, "pretrain_s": round(pretrain_seconds(run), 1), **evaluate(run), "monitors": monitors(run)}
             runs.setdefault(arm, []).append(record)
             print(f"{arm:<13} seed {seed}: " + "  ".join(f"{m} {record[m]:.2f}" for m in METRICS)
                   + f"  ({time.time() - started:.0f} s)", flush=True)
@@ -118,18 +114,12 @@ def main() -> None:
         runs.setdefault("random-init", []).append({"seed": seed, **evaluate(base, random_init=True)})
         print(f"random init   seed {seed}: " + "  ".join(f"{m} {runs['random-init'][-1][m]:.2f}" for m in METRICS),
               flush=True)
-    summary = _summary(args, arms, runs, time.time() - started, _cpu_seconds() - cpu_started)
+    summary = _summary(args, arms, runs, time.time() - started, cpu_seconds() - cpu_started)
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     (out / "dense_arms.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "dense_arms.md").write_text(_table(summary))
     print("\n" + _table(summary))
-
-
-def _cpu_seconds() -> float:
-    """CPU time of this script and every finished child (the CLI runs)."""
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def _summary(args, arms: list[str], runs: dict[str, list[dict]], wall: float, cpu: float) -> dict:

@@ -71,22 +71,16 @@ def arm_config(name: str) -> tuple[str, list[str]]:
     return PRESETS[first], sets
 
 
-def patch_knn_miou(backbone, uri: str, size: int, device, bank: int | None = None, queries: int | None = None) -> float:
+def patch_knn(backbone, uri: str, size: int, device, bank: int | None = None) -> float:
+    """Patch k-NN mIoU on the whole val split, with all training images or a seeded `bank` of them."""
     from glsd_cli.data.sources import open_source
     from glsd_cli.data.subsets import make_subset
-    from glsd_cli.eval.dense import knn_segmentation, segmentation_scores
-    from glsd_cli.eval.features import FeatureRequest, extract_representations
+    from glsd_cli.eval.dense_command import patch_knn_miou
 
-    request = FeatureRequest(mask_size=size)
-    train, val = open_source(uri, "train"), open_source(uri, "val")
+    train = open_source(uri, "train")
     if bank and bank < len(train):
         train = make_subset(train, count=bank, seed=0)
-    if queries and queries < len(val):
-        val = make_subset(val, count=queries, seed=0)
-    xt, mt = extract_representations(backbone, train, size, device, request, 256)
-    xv, mv = extract_representations(backbone, val, size, device, request, 256)
-    return segmentation_scores(knn_segmentation(xt["patches"][0], mt, xv["patches"][0], mv, len(train.classes),
-                                                device=device))["miou"]
+    return patch_knn_miou(backbone, train, open_source(uri, "val"), size, device)
 
 
 def run_one(name: str, out: Path, device: str) -> None:
@@ -94,8 +88,7 @@ def run_one(name: str, out: Path, device: str) -> None:
 
     from glsd_cli.commands.pretrain import pretrain
     from glsd_cli.config import resolve
-    from glsd_cli.eval.loading import load_pretrained
-    from glsd_cli.methods import build_method
+    from glsd_cli.eval.loading import backbone_to_evaluate
 
     preset, sets = arm_config(name)
     # The epoch-end monitor reports patch k-NN mIoU on segmentation data (400-image bank, 150 queries).
@@ -105,14 +98,13 @@ def run_one(name: str, out: Path, device: str) -> None:
     run = pretrain(cfg, preset, quiet=True)
     seconds = time.time() - started
     dev = torch.device(device)
-    cfg, method, _ = load_pretrained(run, dev)
+    cfg, teacher, _, _ = backbone_to_evaluate(run, dev)
     size, uri = cfg.data.global_crop_size, cfg.data.train
-    trained = patch_knn_miou(method.backbone("teacher"), uri, size, dev)
-    trained_250 = patch_knn_miou(method.backbone("teacher"), uri, size, dev, LOW_LABEL_BANK)
-    torch.manual_seed(cfg.run.seed)
-    random_backbone = build_method(cfg).to(dev).eval().backbone("teacher")
-    random_init = patch_knn_miou(random_backbone, uri, size, dev)
-    random_250 = patch_knn_miou(random_backbone, uri, size, dev, LOW_LABEL_BANK)
+    trained = patch_knn(teacher, uri, size, dev)
+    trained_250 = patch_knn(teacher, uri, size, dev, LOW_LABEL_BANK)
+    _, random_backbone, _, _ = backbone_to_evaluate(run, dev, random_init=True)
+    random_init = patch_knn(random_backbone, uri, size, dev)
+    random_250 = patch_knn(random_backbone, uri, size, dev, LOW_LABEL_BANK)
     epochs = [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(open(run / "results.csv"))]
     record = {"arm": name, "preset": preset, "overrides": sets, "device": device, "pretrain_s": round(seconds, 1),
               "patch_knn_miou": round(trained, 2), "random_init_patch_knn_miou": round(random_init, 2),

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from glsd_cli.data.segmentation import SegmentationSource
-from glsd_cli.data.synthetic import CLASSES, render
+from glsd_cli.data.synthetic import CLASSES, parse_int_options, render
 from glsd_cli.errors import DataError
 
 _SPLIT_ID = {"train": 0, "val": 1}
@@ -82,13 +82,7 @@ class SyntheticScenes(SegmentationSource):
 
     @classmethod
     def from_uri(cls, options: str, split: str) -> "SyntheticScenes":
-        values = dict(_DEFAULTS)
-        for item in filter(None, (options or "").split(",")):
-            key, _, raw = item.partition("=")
-            if key not in values or not raw.isdigit():
-                raise DataError(f"bad synthetic-scenes option '{item}': expected key=integer with keys "
-                                f"{', '.join(_DEFAULTS)}")
-            values[key] = int(raw)
+        values = parse_int_options(options, _DEFAULTS, "synthetic-scenes")
         return cls(split=split, num_images=values[split if split in _SPLIT_ID else "train"], size=values["size"],
                    seed=values["seed"], max_regions=values["regions"], scale_percent=values["scale"])
 

@@ -84,6 +84,18 @@ def render(label: int, size: int, rng: np.random.Generator, scale: float = 1.0) 
     return (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
 
 
+def parse_int_options(options: str, defaults: dict[str, int], scheme: str) -> dict[str, int]:
+    """`key=N,key=N` of a built-in source's URI over its defaults; an unknown key or a value that is
+    not a whole number stops with one line naming the keys."""
+    values = dict(defaults)
+    for item in filter(None, (options or "").split(",")):
+        key, _, raw = item.partition("=")
+        if key not in values or not raw.isdigit():
+            raise DataError(f"bad {scheme} option '{item}': expected key=integer with keys {', '.join(defaults)}")
+        values[key] = int(raw)
+    return values
+
+
 class SyntheticTextures(ImageSource):
     """The built-in labelled data set of ten texture classes (train / val splits)."""
 
@@ -101,13 +113,7 @@ class SyntheticTextures(ImageSource):
 
     @classmethod
     def from_uri(cls, options: str, split: str) -> "SyntheticTextures":
-        values = dict(_DEFAULTS)
-        for item in filter(None, (options or "").split(",")):
-            key, _, raw = item.partition("=")
-            if key not in values or not raw.isdigit():
-                raise DataError(
-                    f"bad synthetic option '{item}': expected key=integer with keys {', '.join(_DEFAULTS)}")
-            values[key] = int(raw)
+        values = parse_int_options(options, _DEFAULTS, "synthetic")
         if values["size"] < 8:
             raise DataError("synthetic images need size >= 8")
         return cls(split=split, num_images=values[split if split in _SPLIT_ID else "train"],

@@ -26,9 +26,8 @@ from glsd_cli.eval.dense_probe import DEFAULT_LR, DEFAULT_LR_GRID, probe_confusi
 from glsd_cli.eval.feature_cache import FeatureCache
 from glsd_cli.eval.features import FeatureRequest, extract_representations, parse_blocks
 from glsd_cli.eval.knn import DEFAULT_TEMPERATURE
-from glsd_cli.eval.loading import load_pretrained, loader_workers
+from glsd_cli.eval.loading import backbone_to_evaluate, loader_workers, result_tag
 from glsd_cli.eval.report import pct, print_table, result_paths, write_results
-from glsd_cli.methods import build_method
 
 DEFAULT_K = 20
 
@@ -103,23 +102,11 @@ def open_segmentation_pair(cfg, train_uri: str | None, val_uri: str | None) -> t
     return train, val
 
 
-def _tag(opts: DenseOptions) -> str:
-    tag = "dense-random-init" if opts.random_init else ("dense-student" if opts.student else "dense")
-    tag += "-layers" if opts.layers is not None else ""
-    return tag + (f"-train{opts.train_fraction:g}" if opts.train_fraction is not None else "")
-
-
 def run_dense_eval(checkpoint: Path, opts: DenseOptions) -> dict:
     _check(opts)
     device = pick_device(opts.device)
-    cfg, method, file = load_pretrained(checkpoint, device)
-    which = "student" if opts.student else "teacher"
-    name = which
-    if opts.random_init:  # the run's network at step 0, as knn-eval
-        torch.manual_seed(cfg.run.seed)
-        method = build_method(cfg).to(device).eval()
-        name = "random-init"
-    backbone = method.backbone(which).eval().requires_grad_(False)
+    cfg, backbone, file, name = backbone_to_evaluate(checkpoint, device, opts.student, opts.random_init)
+    backbone.eval().requires_grad_(False)
     train, val = open_segmentation_pair(cfg, opts.train_uri, opts.val_uri)
     if opts.train_fraction is not None:  # fewer labelled images for the probe and the k-NN bank
         train = make_subset(train, fraction=opts.train_fraction, seed=opts.seed)
@@ -144,7 +131,8 @@ def run_dense_eval(checkpoint: Path, opts: DenseOptions) -> dict:
            for i in range(len(numbers))]
     knn_seconds = time.perf_counter() - started
 
-    json_path, csv_path = result_paths(file, _tag(opts), opts.output)
+    tag = result_tag("dense", opts.student, opts.random_init, opts.layers, opts.train_fraction)
+    json_path, csv_path = result_paths(file, tag, opts.output)
     run_dir = json_path.parent / json_path.name.removesuffix(".json")  # the probes' checkpoint and logs
     started = time.perf_counter()
     linear, selection = _linear(opts, train, xt["patches"], mt, xv["patches"], mv, num_classes, device, run_dir, file)

@@ -8,8 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from glsd_cli.data.subsets import make_subset
 from glsd_cli.engine.metrics import console
 from glsd_cli.engine.precision import pick_device
@@ -17,10 +15,9 @@ from glsd_cli.errors import GlsdError
 from glsd_cli.eval.feature_cache import FeatureCache
 from glsd_cli.eval.features import FeatureRequest, parse_blocks
 from glsd_cli.eval.knn import DEFAULT_KS, DEFAULT_TEMPERATURE, knn_classify
-from glsd_cli.eval.loading import load_pretrained, loader_workers
+from glsd_cli.eval.loading import backbone_to_evaluate, loader_workers, result_tag
 from glsd_cli.eval.report import pct, print_table, result_paths, write_results
 from glsd_cli.eval.splits import open_labelled_pair
-from glsd_cli.methods import build_method
 
 HEADLINE_K = 20  # DINO's headline k (docs/algorithms.md §5)
 
@@ -54,28 +51,10 @@ def _check(opts: KnnOptions) -> None:
         raise GlsdError(f"--batch-size must be positive, got {opts.batch_size}")
 
 
-def _tag(opts: KnnOptions) -> str:
-    """The result file's name says which variant it holds, so variants do not overwrite each other."""
-    tag = "knn-random-init" if opts.random_init else ("knn-student" if opts.student else "knn")
-    if opts.layers is not None:
-        tag += "-layers"
-    if opts.train_fraction is not None:
-        tag += f"-train{opts.train_fraction:g}"
-    return tag
-
-
 def run_knn_eval(checkpoint: Path, opts: KnnOptions) -> dict:
     _check(opts)
     device = pick_device(opts.device)
-    cfg, method, file = load_pretrained(checkpoint, device)
-    which = "student" if opts.student else "teacher"
-    name = which
-    if opts.random_init:
-        # The same network as the run's at step 0: pretrain seeds with run.seed before building it.
-        torch.manual_seed(cfg.run.seed)
-        method = build_method(cfg).to(device).eval()
-        name = "random-init"
-    backbone = method.backbone(which)
+    cfg, backbone, file, name = backbone_to_evaluate(checkpoint, device, opts.student, opts.random_init)
     bank, queries = open_labelled_pair(cfg, opts.train_uri, opts.val_uri)
     if opts.train_fraction is not None:
         bank = make_subset(bank, fraction=opts.train_fraction, seed=opts.seed)
@@ -111,7 +90,8 @@ def run_knn_eval(checkpoint: Path, opts: KnnOptions) -> dict:
                             for n, res in zip(numbers, per_block)]
     rows = [{"block": n, **{f"k{k}_{m}": round(v[m], 4) for k, v in res.items() for m in ("top1", "top5")}}
             for n, res in zip(numbers, per_block)]
-    json_path, csv_path = result_paths(file, _tag(opts), opts.output)
+    tag = result_tag("knn", opts.student, opts.random_init, opts.layers, opts.train_fraction)
+    json_path, csv_path = result_paths(file, tag, opts.output)
     write_results(json_path, csv_path, result, rows)
     _print(opts, name, len(bank), len(queries), numbers, per_block, headline_k, blocks is not None, json_path)
     return result
