@@ -80,8 +80,8 @@ class DinoLossConfig(Section):
     warmup_teacher_temp_epochs: int = Field(0, ge=0, description="epochs of the linear teacher-temperature warm-up")
     center_momentum: float = Field(0.9, ge=0, lt=1, description="EMA momentum of the output centre")
     centering: Literal["ema", "sinkhorn"] = Field(
-        "ema", description="global targets: ema (DINO's centre) or sinkhorn (Sinkhorn-Knopp over the batch, "
-                           "as DINOv2; the local loss keeps its EMA centre)")
+        "ema", description="teacher targets of the global and the local loss: ema (DINO's centres) or "
+                           "sinkhorn (Sinkhorn-Knopp over the batch's images and tokens, as DINOv2)")
     sinkhorn_iterations: int = Field(3, ge=1, description="Sinkhorn-Knopp iterations (centering = sinkhorn)")
     koleo_weight: float = Field(
         0.0, ge=0, description="weight of the KoLeo term on the student's global-view CLS tokens (DINOv2: 0.1; 0 = off)")

@@ -80,14 +80,19 @@ def _grads(tensors, module) -> list[torch.Tensor]:
     return out
 
 
+@pytest.mark.parametrize("targets", ["gather", "through_prototypes", "general_layer"])
 @pytest.mark.parametrize("chunk", [5, None, 10**9], ids=["small_chunks", "auto", "one_chunk"])
 @pytest.mark.parametrize("pairs_fn", [_geometric_pairs, _random_pairs], ids=["geometric", "no_mask"])
-def test_loss_and_gradients_match_naive(pairs_fn, chunk) -> None:
+def test_loss_and_gradients_match_naive(pairs_fn, chunk, targets) -> None:
+    # The two ways to a bias-free prototype layer's (DINO's) targets: a gathered row per student token
+    # (the CPU's) or through the prototypes (an accelerator's); any other layer gathers.
+    bias = targets == "general_layer"
     student_z, teacher_z = _views(0)
-    student_last, teacher_last = _last(1), _last(2)
+    student_last, teacher_last = _last(1, bias), _last(2, bias)
     pairs = pairs_fn(3)
     # 5 < one image's 26 tokens: a chunk per image; 10**9: the whole batch in one chunk (a GPU's plan).
-    loss_fn = LocalDistillationLoss(K, student_temp=ST, chunk_tokens=chunk)
+    loss_fn = LocalDistillationLoss(K, student_temp=ST, chunk_tokens=chunk,
+                                    targets_through_prototypes=targets == "through_prototypes")
     loss_fn.center.copy_(torch.randn(1, K) * 0.3)
 
     loss, kept = loss_fn(student_z, teacher_z, student_last, teacher_last, _table(pairs), TT)
@@ -98,7 +103,7 @@ def test_loss_and_gradients_match_naive(pairs_fn, chunk) -> None:
     want = _grads([student_z], student_last)
 
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
-    assert len(got) == len(want) == 1 + 2  # the student tokens + weight_norm's g and v
+    assert len(got) == len(want) == 1 + 2 + bias  # the student tokens + weight_norm's g and v (+ bias)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     # The teacher gets nothing.
@@ -170,8 +175,10 @@ def test_checkpointing_does_not_keep_logits() -> None:
     assert student.grad is not None and last_s.parametrizations.weight.original1.grad is not None
 
 
+@pytest.mark.parametrize("through_prototypes", [False, True])
+@pytest.mark.parametrize("centering", ["ema", "sinkhorn"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_path_stays_close_to_float32(dtype) -> None:
+def test_low_precision_path_stays_close_to_float32(dtype, centering, through_prototypes) -> None:
     # Under autocast the K-wide buffers are in the autocast dtype; the loss value and its gradient must
     # stay within rounding of that dtype of the float32 computation (the reference above).
     k = 512
@@ -181,7 +188,8 @@ def test_low_precision_path_stays_close_to_float32(dtype) -> None:
     torch.manual_seed(13)
     last_s, last_t = weight_norm(nn.Linear(D, k, bias=False)), weight_norm(nn.Linear(D, k, bias=False))
     matches = _table(_geometric_pairs(15))
-    loss_fn = LocalDistillationLoss(k, chunk_tokens=10**9)
+    loss_fn = LocalDistillationLoss(k, chunk_tokens=10**9, centering=centering,
+                                    targets_through_prototypes=through_prototypes)
     loss_fn.center.copy_(torch.randn(1, k) * 0.05)
     ref, _ = loss_fn(student, teacher, last_s, last_t, matches, TT)
     ref.backward()
@@ -302,19 +310,22 @@ def test_recomputed_and_stored_logits_give_the_same_loss_and_gradients(monkeypat
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("through_prototypes", [False, True])
 @pytest.mark.parametrize("chunk", [5, 10**9])
-def test_each_token_goes_through_its_prototype_layer_once(chunk) -> None:
+def test_each_token_goes_through_its_prototype_layer_once(chunk, through_prototypes) -> None:
     # The pairs of one student token are merged: the student's prototype layer sees every student token
-    # once (not once per teacher view) and the teacher's every teacher token once, whatever the pairs.
+    # once (not once per teacher view), whatever the pairs, and every teacher token passes the prototypes
+    # once, or twice when its target is taken back through them (no student-sized target table).
     # Counted in matrix-product FLOPs of the forward pass: 2 * D * K per token through a prototype layer.
     from torch.utils.flop_counter import FlopCounterMode
 
     student_z, teacher_z = _views(18)
     pairs = _geometric_pairs(21)  # 6 pairs: locals have two teachers, each global the other one
     with FlopCounterMode(display=False) as counter:
-        LocalDistillationLoss(K, chunk_tokens=chunk)(student_z, teacher_z, _last(19), _last(20), _table(pairs), TT)
+        LocalDistillationLoss(K, chunk_tokens=chunk, targets_through_prototypes=through_prototypes)(
+            student_z, teacher_z, _last(19), _last(20), _table(pairs), TT)
     tokens = counter.get_total_flops() / (2 * D * K)
-    assert tokens == B * sum(SIZES) + B * 2 * 9
+    assert tokens == B * sum(SIZES) + (1 + through_prototypes) * B * 2 * 9
     pair_tokens = sum(B * SIZES[s] for _, s in pairs)
     assert pair_tokens > B * sum(SIZES)  # what one pass per pair would have cost the student alone
 
@@ -331,3 +342,81 @@ def test_target_gather_is_the_weighted_sum_of_teacher_rows(dtype) -> None:
     want = (probs.double()[rows] * weights.double()[..., None]).sum(1)
     got = local.gather_targets(probs, rows, weights)
     torch.testing.assert_close(got.double(), want, rtol=1e-2 if dtype == torch.bfloat16 else 1e-6, atol=1e-6)
+
+
+def _naive_sinkhorn(logits: torch.Tensor, temp: float, iterations: int = 3) -> torch.Tensor:
+    """DINOv2's `sinkhorn_knopp_teacher` in the probability domain and float64: prototypes' masses to
+    1/K, tokens' to 1/N, `iterations` times, then every token a distribution."""
+    q = torch.exp(logits.double() / temp).t()  # (K, N)
+    q /= q.sum()
+    n_protos, n_tokens = q.shape
+    for _ in range(iterations):
+        q /= q.sum(dim=1, keepdim=True) * n_protos
+        q /= q.sum(dim=0, keepdim=True) * n_tokens
+    return (q * n_tokens).t()
+
+
+@pytest.mark.parametrize("through_prototypes", [False, True])
+@pytest.mark.parametrize("chunk, recompute", [(5, 0.0), (5, None), (None, None), (10**9, None)],
+                         ids=["per_image_recomputed", "per_image_kept", "auto", "one_chunk"])
+def test_sinkhorn_targets_match_naive(chunk, recompute, through_prototypes) -> None:
+    """centering="sinkhorn": every teacher token's target is balanced over ALL teacher tokens of the
+    batch (not per chunk), whatever the chunking; loss and gradients as the direct formula."""
+    student_z, teacher_z = _views(8)
+    student_last, teacher_last = _last(9), _last(10)
+    pairs = _geometric_pairs(11)
+    loss_fn = LocalDistillationLoss(K, student_temp=ST, chunk_tokens=chunk, recompute_above_mib=recompute,
+                                    centering="sinkhorn", targets_through_prototypes=through_prototypes)
+    loss, _ = loss_fn(student_z, teacher_z, student_last, teacher_last, _table(pairs), TT)
+    loss.backward()
+    got = _grads([student_z], student_last)
+
+    with torch.no_grad():
+        logits = teacher_last(teacher_z.reshape(-1, D))
+        table = _naive_sinkhorn(logits, TT).float().reshape(B, 2 * 9, K)
+    # The prototypes' masses over the batch's teacher tokens are far more even than softmax's (3
+    # iterations do not balance them exactly).
+    assert table.sum((0, 1)).std() < 0.5 * F.softmax(logits / TT, -1).sum(0).std()
+    student_parts = student_z.split(SIZES, 1)
+    pair_losses = []
+    for (t, s), (index, valid) in pairs.items():
+        log_q = F.log_softmax(student_last(student_parts[s]) / ST, dim=-1)        # (B, N_s, K)
+        target = torch.stack([table[b, t * 9 + index[b]] for b in range(B)])     # (B, N_s, K)
+        ce = -(target * log_q).sum(-1) * (1.0 if valid is None else valid.float())
+        pair_losses.append(ce.mean())  # masked tokens count as zero, as in the EMA formula
+    ref = torch.stack(pair_losses).mean()
+    ref.backward()
+    want = _grads([student_z], student_last)
+
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert teacher_z.grad is None
+    centre = loss_fn.center.clone()
+    loss_fn.update_center(teacher_z, teacher_last)  # no centre to move
+    assert torch.equal(loss_fn.center, centre)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run by bench/gpu_session.sh)")
+@pytest.mark.parametrize("centering", ["ema", "sinkhorn"])
+def test_on_a_gpu_under_bf16_the_loss_and_gradients_follow_the_cpu(centering) -> None:
+    """The GPU's default way (targets through the prototypes, one chunk, bf16) against the CPU's
+    float32 loss and gradients."""
+    k = 2048
+    g = torch.Generator().manual_seed(40)
+    student = F.normalize(torch.randn(B, sum(SIZES), D, generator=g), dim=-1)
+    teacher = F.normalize(torch.randn(B, 18, D, generator=g), dim=-1)
+    matches = _table(_geometric_pairs(41))
+    results = []
+    for device, dtype in ((torch.device("cpu"), None), (torch.device("cuda"), torch.bfloat16)):
+        torch.manual_seed(42)
+        last_s, last_t = (weight_norm(nn.Linear(D, k, bias=False)).to(device) for _ in range(2))
+        s = student.to(device).requires_grad_()
+        m = TokenMatches(matches.index.to(device), matches.valid.to(device), matches.view_sizes)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss, _ = LocalDistillationLoss(k, centering=centering)(s, teacher.to(device), last_s, last_t, m, TT)
+        loss.backward()
+        results.append((loss.item(), s.grad.cpu()))
+    (ref, want), (got, grad) = results
+    assert got == pytest.approx(ref, rel=1e-2)
+    assert F.cosine_similarity(grad.flatten(), want.flatten(), dim=0) > 0.999

@@ -21,6 +21,12 @@ Precision. Under autocast the K-wide buffers stay in the autocast dtype (half th
 float32); softmax accumulates in float32 inside its kernel, and the log-sum-exp and the dot products
 that make the loss value are accumulated in float32 (tests: within tolerance of the float32 loss).
 
+Targets. `centering="ema"` (GLSD): P as above, with the dense head's own EMA centre c_d.
+`centering="sinkhorn"` (DINOv2's iBOT head, Oquab et al. 2023): P = Sinkhorn-Knopp of the teacher
+logits over every teacher token of the batch (all processes), so that every prototype gets the same
+mass; there is no centre to lag behind the head, which an EMA centre did over longer runs (README
+"Longer runs"). It needs the whole batch's teacher table at once (B x T*Nt x K float32).
+
 Memory. The dense head's last layer maps the ~256-d bottleneck to K = out_dim logits (8192-65536); B x
 tokens x K logits may not fit. So the loss takes bottleneck features and the two last layers, and works
 in chunks of whole images, planned from the device's memory (`plan_chunks`): on the CPU small chunks
@@ -40,6 +46,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from glsd_cli.engine.distributed import all_reduce_mean
+from glsd_cli.losses.dino import sinkhorn_knopp
 from glsd_cli.matching import TokenMatches
 
 __all__ = ["ChunkPlan", "LocalDistillationLoss", "plan_chunks"]
@@ -164,22 +171,76 @@ class _SoftTargetCrossEntropy(torch.autograd.Function):
         return neg_grad * -grad_output.to(neg_grad.dtype), None, None
 
 
+class _PrototypeSoftTargetCrossEntropy(torch.autograd.Function):
+    """The loss of `_SoftTargetCrossEntropy` for logits ``x = (scale z) W^T`` of a bias-free prototype
+    layer ``W`` (K, d) and targets ``t_i = sum_t w_it P[rows_it]``, without ever making the student-sized
+    (N, K) target table: its two uses go through the prototypes in d dimensions,
+
+        sum_i t_i . x_i = sum_j (P W)_j . a_j,     a_j = sum over (i, t) with rows_it = j of w_it scale z_i
+        dL/dz_i = scale (W_i softmax(x_i) W - sum_t w_it (P W)[rows_it])
+        dL/dW   = (W softmax(x))^T (scale z) - P^T a
+
+    so a teacher token's target is read once, by two (M x K) x (K x d) products, instead of being
+    gathered once per student token that matches it (on an H100 the gather alone took ~10 ms of
+    vits16-geo's step, bench/results/target_gather-cuda-h100.json). The one (N, K) buffer kept for
+    backward is W_i softmax(x_i), made in place over the softmax; float32 sums as in
+    `_SoftTargetCrossEntropy`."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, weight: Tensor, probs: Tensor, rows: Tensor, w: Tensor, scale: float) -> Tensor:
+        x = F.linear(z * scale, weight)  # the autocast dtype under autocast
+        with torch.autocast(z.device.type, enabled=False):
+            probs_s = torch.softmax(x, dim=-1)
+            lse = x.amax(dim=-1).float() - probs_s.amax(dim=-1).float().log()
+            del x
+            w = w.float()
+            scaled_z = z.float() * scale
+            a = scaled_z.new_zeros(probs.shape[0], z.shape[1]).index_add_(
+                0, rows.reshape(-1), (scaled_z[:, None, :] * w[..., None]).reshape(-1, z.shape[1]))
+            target_through_w = (probs @ weight.to(probs.dtype)).float()  # (M, d): P W
+            total = torch.dot(w.sum(-1), lse) - torch.dot(target_through_w.reshape(-1), a.reshape(-1))
+            weighted_softmax = probs_s.mul_(w.sum(-1).to(probs_s.dtype)[:, None])
+        ctx.scale = scale
+        ctx.save_for_backward(weighted_softmax, scaled_z, weight, probs, target_through_w, a, rows, w)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        weighted_softmax, scaled_z, weight, probs, target_through_w, a, rows, w = ctx.saved_tensors
+        dtype = weighted_softmax.dtype
+        g = grad_output.float()
+        grad_z = (weighted_softmax @ weight.to(dtype)).float() - (target_through_w[rows] * w[..., None]).sum(1)
+        grad_w = (weighted_softmax.t() @ scaled_z.to(dtype)).float() - (probs.t() @ a.to(probs.dtype)).float()
+        return (grad_z * (g * ctx.scale)).to(scaled_z.dtype), (grad_w * g).to(weight.dtype), None, None, None, None
+
+
 class LocalDistillationLoss(nn.Module):
     """GLSD local term with its own centre ``c_d`` (docs/algorithms.md §3), chunked by a memory plan."""
 
     center: Tensor
 
     def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
-                 chunk_tokens: int | None = None, recompute_above_mib: float | None = None) -> None:
+                 chunk_tokens: int | None = None, recompute_above_mib: float | None = None,
+                 centering: str = "ema", sinkhorn_iterations: int = 3,
+                 targets_through_prototypes: bool | None = None) -> None:
         super().__init__()
         if out_dim < 1 or (chunk_tokens is not None and chunk_tokens < 1):
             raise ValueError(f"out_dim and chunk_tokens must be >= 1, got {out_dim}, {chunk_tokens}")
+        if centering not in ("ema", "sinkhorn"):
+            raise ValueError(f"centering must be 'ema' or 'sinkhorn', got {centering!r}")
         self.out_dim = out_dim
+        self.centering = centering
+        self.sinkhorn_iterations = sinkhorn_iterations
+        # None: on an accelerator (where the row gather is the slow part), else the gather (on the CPU
+        # the two extra (M x K) x (K x d) products cost more than the gather: ViT-S/16 shapes, batch 4,
+        # 1 thread, 0.65 against 0.58 s fp32 and 0.34 against 0.29 s bf16, 2026-11-28).
+        self.targets_through_prototypes = targets_through_prototypes
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.chunk_tokens = chunk_tokens                # None: from the device's memory (plan_chunks)
         self.recompute_above_mib = recompute_above_mib  # None: likewise
         self._plans: dict[tuple, ChunkPlan] = {}        # planned once per shape: no query per step
+        # With centering = "sinkhorn" the centre is unused: kept (zero) so checkpoints have one layout.
         self.register_buffer("center", torch.zeros(1, out_dim))
 
     def plan(self, batch: int, student_rows: int, teacher_rows: int, elem_bytes: int,
@@ -219,11 +280,25 @@ class LocalDistillationLoss(nn.Module):
         view_offset = torch.arange(n_teachers, device=student_z.device) * (n_teacher // n_teachers)
         image_offset = torch.arange(plan.images, device=student_z.device)[:, None, None] * n_teacher
 
-        def chunk(sz: Tensor, tz: Tensor, rows: Tensor, w: Tensor) -> Tensor:
+        if self.centering == "sinkhorn":
+            # One table of targets for the whole batch (its columns are balanced over all of it); each
+            # chunk takes the rows of its own images.
             with torch.no_grad():
-                probs = torch.softmax(teacher_logits(tz), dim=-1)
-                w = w.to(probs.dtype)
-                target = gather_targets(probs, rows, w)
+                table = sinkhorn_knopp(teacher_last(teacher_z.detach().reshape(-1, dim)), teacher_temp,
+                                       self.sinkhorn_iterations)
+                table = table.to(torch.get_autocast_dtype(table.device.type)) if elem_bytes < 4 else table
+        through_prototypes = _is_plain_linear_without_bias(student_last) and (
+            student_z.device.type != "cpu" if self.targets_through_prototypes is None else self.targets_through_prototypes)
+
+        def chunk(sz: Tensor, teacher: Tensor, rows: Tensor, w: Tensor) -> Tensor:
+            """`teacher`: the chunk's teacher bottleneck (EMA centre) or its rows of the Sinkhorn table."""
+            with torch.no_grad():
+                probs = teacher if self.centering == "sinkhorn" else torch.softmax(teacher_logits(teacher), dim=-1)
+            if through_prototypes:
+                return _PrototypeSoftTargetCrossEntropy.apply(sz, student_last.weight, probs, rows, w,
+                                                              1.0 / self.student_temp)
+            with torch.no_grad():
+                target = gather_targets(probs, rows, w.to(probs.dtype))
                 del probs
             x = student_logits(sz)
             return _SoftTargetCrossEntropy.apply(x, target.to(x.dtype), w.float().sum(-1))
@@ -233,15 +308,18 @@ class LocalDistillationLoss(nn.Module):
             images = slice(start, start + plan.images)
             count = min(plan.images, batch - start)
             sz = student_z[images].reshape(-1, dim)
-            tz = teacher_z[images].detach().reshape(-1, dim)
+            if self.centering == "sinkhorn":
+                teacher = table[start * n_teacher:(start + count) * n_teacher]
+            else:
+                teacher = teacher_z[images].detach().reshape(-1, dim)
             rows = (matches.index[images] + view_offset + image_offset[:count]).reshape(-1, n_teachers)
             w = weights[images].reshape(-1, n_teachers)
             if torch.is_grad_enabled() and plan.recompute:
                 # Non-reentrant: works when sz does not require grad, and with parameters that are
                 # not explicit inputs (the last layers are captured by the closure).
-                total = total + checkpoint(chunk, sz, tz, rows, w, use_reentrant=False)
+                total = total + checkpoint(chunk, sz, teacher, rows, w, use_reentrant=False)
             else:
-                total = total + chunk(sz, tz, rows, w)
+                total = total + chunk(sz, teacher, rows, w)
         # The weights of the kept tokens sum to the mean over pairs of each pair's kept fraction.
         return total, weights.sum()
 
@@ -250,6 +328,8 @@ class LocalDistillationLoss(nn.Module):
         """``c_d <- m c_d + (1 - m) mean of teacher logits`` over every token of every global view and
         image (``teacher_z`` (..., d)), all-reduced across processes (docs/algorithms.md §3; DINO's centre,
         applied per token)."""
+        if self.centering == "sinkhorn":  # no centre to move (and no all-reduce to pay for)
+            return
         # Teacher tokens may be bf16 (made under autocast) while this runs outside autocast with the
         # layer's own (fp32) weights: feed the layer its parameters' dtype.
         dtype = next(teacher_last.parameters()).dtype

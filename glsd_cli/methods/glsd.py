@@ -84,7 +84,8 @@ class GlobalLocalDistillation(Method):
             self.local_loss = LocalDistillationLoss(
                 loc.out_dim, lc.student_temp, lc.center_momentum,
                 chunk_tokens=None if loc.chunk_tokens == "auto" else loc.chunk_tokens,
-                recompute_above_mib=None if loc.recompute_above_mib == "auto" else loc.recompute_above_mib)
+                recompute_above_mib=None if loc.recompute_above_mib == "auto" else loc.recompute_above_mib,
+                centering=lc.centering, sinkhorn_iterations=lc.sinkhorn_iterations)
 
     # ------------------------------------------------------------------ schedules and freezing
     def schedules(self, epochs: int, steps_per_epoch: int) -> dict:
@@ -122,8 +123,9 @@ class GlobalLocalDistillation(Method):
             loss_local, kept, t_dense = self._local_term(batch, groups, t_tok, temp)
             w = self.cfg.method.local.weight
             loss = (1 - w) * loss_global + w * loss_local
-            metrics.update(loss_local=loss_local.detach(), local_valid_fraction=kept,
-                           center_norm_local_loss=self.local_loss.center.norm())
+            metrics.update(loss_local=loss_local.detach(), local_valid_fraction=kept)
+            if self.local_loss.centering == "ema":
+                metrics["center_norm_local_loss"] = self.local_loss.center.norm()
         if self.sd_on:  # SD on DINO/GLSD: L + λ(t)·mean_l L_l toward the same targets
             global_tok = groups[0][0]
             layer_cls = [[c.chunk(G)[v] for c in global_tok.layer_cls] for v in range(G)]
