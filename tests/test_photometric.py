@@ -91,3 +91,50 @@ def test_without_colour_only_normalisation_runs():
     finished = P.DevicePhotometric(CPU, color=False).prepare(device_items)
     for a, b in zip(workers["views"], finished["views"]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def _device_batches(n_batches: int, seed: int = 3) -> list[dict]:
+    source = SyntheticTextures("train", 4 * n_batches, size=40)
+    crop = MultiCrop(32, 16, 2)
+    data = ViewsDataset(source, crop, seed=seed, photometric_on_device=True)
+    return [default_collate([data[4 * b + i] for i in range(4)]) for b in range(n_batches)]
+
+
+def test_prepared_ahead_gives_each_batch_prepared_in_order():
+    from glsd_cli.engine.batching import prepared_ahead
+
+    batches = _device_batches(3)
+    photometric = P.DevicePhotometric(CPU)
+    asked = []
+
+    def prepare(batch):
+        asked.append(batch)
+        return photometric.prepare(batch)
+
+    got = list(prepared_ahead(iter(batches), prepare, CPU))
+    assert [a is b for a, b in zip(asked, batches)] == [True] * 3
+    for g, b in zip(got, batches):
+        for x, y in zip(g["views"], photometric.prepare(b)["views"]):
+            assert torch.equal(x, y)
+        assert torch.equal(g["boxes"], b["boxes"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run by bench/gpu_session.sh)")
+def test_prepared_ahead_on_a_side_stream_equals_preparing_inline_while_steps_run():
+    """Each batch prepared on the side stream, one ahead, while the default stream is busy with a
+    'step' that overwrites freshly allocated memory: the views are those of inline preparation (the
+    stream waits for its batch, and the allocator does not reuse a batch's memory under the step)."""
+    from glsd_cli.engine.batching import prepared_ahead
+
+    cuda = torch.device("cuda")
+    batches = _device_batches(6)
+    photometric = P.DevicePhotometric(cuda)
+    want = [[v.cpu() for v in photometric.prepare(b)["views"]] for b in batches]
+    for batch, expected in zip(prepared_ahead(iter(batches), photometric.prepare, cuda), want):
+        noise = torch.randn(4096, 4096, device=cuda)
+        for _ in range(8):  # a long kernel queue on the default stream
+            noise = noise @ noise / 64
+        views = [v.clone() for v in batch["views"]]
+        del noise
+        for v, e in zip(views, expected):
+            torch.testing.assert_close(v.cpu(), e, rtol=0, atol=1e-5)

@@ -27,7 +27,7 @@ from torch import nn
 
 from glsd_cli.data.base import UNREADABLE_SAMPLE, too_many_unreadable
 from glsd_cli.engine import distributed as dist
-from glsd_cli.engine.batching import batch_size, clear_worker_errors, grouped
+from glsd_cli.engine.batching import batch_size, clear_worker_errors, grouped, prepared_ahead
 from glsd_cli.engine.checkpoint import (CHECKPOINT_NAME, load_optimizer, load_state_strict, optimizer_tensors,
                                         read_checkpoint, remove_stale_temporaries, restore_rng, rng_tensors,
                                         save_tensors, sub_dict)
@@ -107,8 +107,8 @@ class Trainer:
     on_nonfinite: str = "stop"               # "stop" | "skip"
     max_bad_fraction: float | None = None    # of unreadable images per epoch, None: no check
     plots: bool = True
-    # Finishes a host batch on the device before the step (e.g. DevicePhotometric.prepare); then the
-    # rest of the batch is moved to the device as it is.
+    # Finishes a host batch on the device before the step (e.g. DevicePhotometric.prepare), one batch
+    # ahead on a GPU (engine/batching.prepared_ahead); then the rest is moved to the device as it is.
     prepare_batch: Callable[[dict], dict] | None = None
 
     def __post_init__(self):
@@ -219,7 +219,10 @@ class Trainer:
         epoch = self.state.epoch
         self.task.train()
         t_last, images = time.perf_counter(), 0
-        for micro_batches in grouped(clear_worker_errors(loader), self.accum_steps):
+        batches = clear_worker_errors(loader)
+        if self.prepare_batch is not None:
+            batches = prepared_ahead(batches, self.prepare_batch, self.device)
+        for micro_batches in grouped(batches, self.accum_steps):
             step = self.state.global_step
             ctx = StepContext(epoch, step, total, self._set_schedule(step))
             metrics, step_images, skipped = self._step(micro_batches, ctx)
@@ -285,6 +288,8 @@ class Trainer:
     def train_step(self, micro_batches: list, step: int, epoch: int = 0) -> dict[str, torch.Tensor]:
         """One optimiser step outside `fit` (benchmarks, tests): schedules at `step`, then `_step`.
         Returns the step's metrics as device tensors (empty for a skipped step)."""
+        if self.prepare_batch is not None:
+            micro_batches = [self.prepare_batch(b) for b in micro_batches]
         ctx = StepContext(epoch, step, self.epochs * self.steps_per_epoch, self._set_schedule(step))
         return self._step(micro_batches, ctx)[0]
 
@@ -298,8 +303,6 @@ class Trainer:
             if isinstance(batch, dict) and "unreadable" in batch:
                 unreadable += int(batch["unreadable"].sum())  # a CPU tensor from the loader: no device wait
             images += batch_size(batch)
-            if self.prepare_batch is not None:
-                batch = self.prepare_batch(batch)
             with self._autocast():
                 out = self.task.training_step(self._to_device(batch), ctx)
             # Every process runs every forward and backward, finite or not: losses may hold
