@@ -143,10 +143,14 @@ def host_syncs_per_step(trainer, data: list[dict], first_step: int, steps: int =
 
 
 def time_arm(cfg, precision: str, data: list[dict], steps: int, warmup: int, local_on: bool,
-             device: torch.device, count: bool, compile: bool = False) -> tuple[dict, dict | None]:
-    """Full step and model pass, alternately; the FLOP counts too when `count`."""
+             device: torch.device, count: bool, compile: bool = False,
+             local_targets: str | None = None) -> tuple[dict, dict | None]:
+    """Full step and model pass, alternately; the FLOP counts too when `count`. `local_targets`
+    ("gather" | "prototypes"; None: the device's default) picks how the local loss makes its targets."""
     torch.manual_seed(0)
     method = build_method(cfg).to(device)
+    if local_targets is not None:
+        method.local_loss.targets_through_prototypes = local_targets == "prototypes"
     if compile:
         compile_backbones(method)
     total = steps + warmup
@@ -170,7 +174,8 @@ def time_arm(cfg, precision: str, data: list[dict], steps: int, warmup: int, loc
         if step >= warmup:
             full.append(t1 - t0)
             model.append(t2 - t1)
-    arm = {"precision": precision + ("+compile" if compile else ""), "full_step_s": statistics.median(full),
+    arm = {"precision": precision + ("+compile" if compile else "") + (f"+{local_targets}" if local_targets else ""),
+           "full_step_s": statistics.median(full),
            "model_s": statistics.median(model), "full_step_s_all": full, "model_s_all": model}
     if device.type == "cuda":
         arm["host_syncs_per_step"] = host_syncs_per_step(trainer, data, total)
@@ -187,16 +192,19 @@ def time_arm(cfg, precision: str, data: list[dict], steps: int, warmup: int, loc
 
 
 def run_preset(preset: str, batch: int, steps: int, warmup: int, precisions: list[str], peaks: dict,
-               device: torch.device, dense_out_dim: int | None = None, compile: bool = False) -> dict:
+               device: torch.device, dense_out_dim: int | None = None, compile: bool = False,
+               compare_targets: bool = False) -> dict:
     cfg = bench_config(preset, [f"method.local.out_dim={dense_out_dim}"] if dense_out_dim else [])
     data = batches(cfg, batch, 2, device)
     local_on = cfg.method.local.matching != "none"
     arms, flops = [], None
-    runs = [(p, False) for p in precisions] + ([(precisions[-1], True)] if compile else [])
-    for precision, compiled in runs:
+    runs = [(p, False, None) for p in precisions] + ([(precisions[-1], True, None)] if compile else [])
+    if compare_targets and local_on:  # the way the device does not take by default, in the last precision
+        runs.append((precisions[-1], False, "prototypes" if device.type == "cpu" else "gather"))
+    for precision, compiled, way in runs:
         try:
             arm, counted = time_arm(cfg, precision, data, steps, warmup, local_on, device, count=flops is None,
-                                    compile=compiled)
+                                    compile=compiled, local_targets=way)
         except RuntimeError as e:  # an engine failure in one precision: record it, keep the other arms
             arms.append({"precision": precision, "error": f"{type(e).__name__}: {e}"})
             continue
@@ -230,6 +238,9 @@ def main() -> None:
     ap.add_argument("--dense-out-dim", type=int, default=None, help="override method.local.out_dim (e.g. 65536)")
     ap.add_argument("--precisions", default=None, help="comma-separated (default: fp32, and bf16 where native)")
     ap.add_argument("--compile", action="store_true", help="also time the last precision with run.compile")
+    ap.add_argument("--compare-local-targets", action="store_true",
+                    help="also time the local loss's other way to its targets (the gather on a GPU, through the "
+                         "prototypes on a CPU)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=RESULT)
@@ -246,7 +257,7 @@ def main() -> None:
         batch = args.batch or DEFAULT_BATCH.get(preset, 16)
         key = preset + (f"-dense{args.dense_out_dim}" if args.dense_out_dim else "")
         report["presets"][key] = run_preset(preset, batch, args.steps, args.warmup, precisions, peaks, device,
-                                             args.dense_out_dim, args.compile)
+                                             args.dense_out_dim, args.compile, args.compare_local_targets)
         print(f"{preset}: done", flush=True)
     report["peak_rss_mib"] = peak_rss_mib()
     if device.type == "cuda":
