@@ -411,10 +411,10 @@ def test_on_a_gpu_under_bf16_the_loss_and_gradients_follow_the_cpu(centering) ->
     for device, dtype in ((torch.device("cpu"), None), (torch.device("cuda"), torch.bfloat16)):
         torch.manual_seed(42)
         last_s, last_t = (weight_norm(nn.Linear(D, k, bias=False)).to(device) for _ in range(2))
-        s = student.to(device).requires_grad_()
+        s = student.to(device).clone().requires_grad_()  # a leaf of its own on each device
         m = TokenMatches(matches.index.to(device), matches.valid.to(device), matches.view_sizes)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss, _ = LocalDistillationLoss(k, centering=centering)(s, teacher.to(device), last_s, last_t, m, TT)
+            loss, _ = LocalDistillationLoss(k, centering=centering).to(device)(s, teacher.to(device), last_s, last_t, m, TT)
         loss.backward()
         results.append((loss.item(), s.grad.cpu()))
     (ref, want), (got, grad) = results

@@ -132,6 +132,14 @@ def _logits(layer: nn.Module, scale: float, shift: Tensor | None = None) -> Call
     return lambda x: layer(x) * scale - shift
 
 
+def _softmax_in_dtype(logits: Tensor) -> Tensor:
+    """softmax in the logits' dtype (float32 accumulation inside the kernel). Autocast would make it a
+    float32 (tokens x K) table, and every product with it a float32 one: on an H200 one such
+    (M x K) x (K x d) product took 4 ms of vits16-geo's step (bench/results/profile_step-cuda-h200-run4.txt)."""
+    with torch.autocast(logits.device.type, enabled=False):
+        return torch.softmax(logits, dim=-1)
+
+
 def gather_targets(probs: Tensor, rows: Tensor, weights: Tensor) -> Tensor:
     """``target[i] = sum_t weights[i, t] * probs[rows[i, t]]``: every student token's target in ONE
     indexed pass, a weighted `embedding_bag`. A gather per teacher view with a multiply-add is 4x
@@ -293,7 +301,7 @@ class LocalDistillationLoss(nn.Module):
         def chunk(sz: Tensor, teacher: Tensor, rows: Tensor, w: Tensor) -> Tensor:
             """`teacher`: the chunk's teacher bottleneck (EMA centre) or its rows of the Sinkhorn table."""
             with torch.no_grad():
-                probs = teacher if self.centering == "sinkhorn" else torch.softmax(teacher_logits(teacher), dim=-1)
+                probs = teacher if self.centering == "sinkhorn" else _softmax_in_dtype(teacher_logits(teacher))
             if through_prototypes:
                 return _PrototypeSoftTargetCrossEntropy.apply(sz, student_last.weight, probs, rows, w,
                                                               1.0 / self.student_temp)
