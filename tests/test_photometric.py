@@ -100,8 +100,8 @@ def _device_batches(n_batches: int, seed: int = 3) -> list[dict]:
     return [default_collate([data[4 * b + i] for i in range(4)]) for b in range(n_batches)]
 
 
-def test_prepared_ahead_gives_each_batch_prepared_in_order():
-    from glsd_cli.engine.batching import prepared_ahead
+def test_prepared_batches_gives_each_batch_prepared_in_order():
+    from glsd_cli.engine.batching import PreparedBatches
 
     batches = _device_batches(3)
     photometric = P.DevicePhotometric(CPU)
@@ -111,7 +111,12 @@ def test_prepared_ahead_gives_each_batch_prepared_in_order():
         asked.append(batch)
         return photometric.prepare(batch)
 
-    got = list(prepared_ahead(iter(batches), prepare, CPU))
+    prepared = PreparedBatches(iter(batches), prepare, CPU)
+    got = []
+    for batch in prepared:
+        prepared.prepare_next()  # as the Trainer does inside a step: nothing runs ahead on the CPU
+        got.append(batch)
+        assert len(asked) == len(got)
     assert [a is b for a, b in zip(asked, batches)] == [True] * 3
     for g, b in zip(got, batches):
         for x, y in zip(g["views"], photometric.prepare(b)["views"]):
@@ -120,21 +125,27 @@ def test_prepared_ahead_gives_each_batch_prepared_in_order():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run by bench/gpu_session.sh)")
-def test_prepared_ahead_on_a_side_stream_equals_preparing_inline_while_steps_run():
-    """Each batch prepared on the side stream, one ahead, while the default stream is busy with a
-    'step' that overwrites freshly allocated memory: the views are those of inline preparation (the
-    stream waits for its batch, and the allocator does not reuse a batch's memory under the step)."""
-    from glsd_cli.engine.batching import prepared_ahead
+def test_prepared_batches_on_a_side_stream_equal_preparing_inline_while_steps_run():
+    """Each batch prepared on the side stream, one ahead (launched mid-'step', as the Trainer does),
+    while the default stream is busy with a 'step' that allocates and overwrites memory: the views are
+    those of inline preparation (the stream waits for its batch, and the allocator does not reuse a
+    batch's memory under the step)."""
+    from glsd_cli.engine.batching import PreparedBatches
 
     cuda = torch.device("cuda")
     batches = _device_batches(6)
     photometric = P.DevicePhotometric(cuda)
     want = [[v.cpu() for v in photometric.prepare(b)["views"]] for b in batches]
-    for batch, expected in zip(prepared_ahead(iter(batches), photometric.prepare, cuda), want):
+    prepared = PreparedBatches(iter(batches), photometric.prepare, cuda)
+    got = 0
+    for batch, expected in zip(prepared, want):
         noise = torch.randn(4096, 4096, device=cuda)
         for _ in range(8):  # a long kernel queue on the default stream
             noise = noise @ noise / 64
+        prepared.prepare_next()
         views = [v.clone() for v in batch["views"]]
         del noise
+        got += 1
         for v, e in zip(views, expected):
             torch.testing.assert_close(v.cpu(), e, rtol=0, atol=1e-5)
+    assert got == len(batches)

@@ -47,37 +47,52 @@ def batch_size(batch) -> int:
     return len(batch)
 
 
-def prepared_ahead(batches: Iterable[dict], prepare: Callable[[dict], dict], device: torch.device
-                   ) -> Iterator[dict]:
-    """`prepare(batch)` of each batch (e.g. the photometric augmentation on the device), in order.
+class PreparedBatches:
+    """The batches of a loader, each finished by `prepare` (e.g. the photometric augmentation on the
+    device), in order.
 
-    On a GPU the next batch is prepared on a side stream before the current one is handed over: its
-    kernels are launched while the host would otherwise wait for the current step (the Trainer reads
-    its flags once per step), and they run beside the step's kernels instead of between two steps (as
-    NVIDIA's ImageNet example and Lightning prefetch). The step's stream waits for its own batch's
-    event only. Elsewhere each batch is prepared when it is asked for: same values, no concurrency.
+    On a GPU the Trainer calls `prepare_next()` inside each step, after it has queued the step's
+    backward and before it waits for the device: the next batch's kernels are then launched on a side
+    stream while the host would otherwise wait, and run beside the step's kernels instead of between two
+    steps (NVIDIA's ImageNet example and Lightning prefetch the same way). The step's stream waits for
+    its own batch's event only. On the CPU nothing runs ahead: each batch is prepared when it is asked
+    for (same values, no concurrency to gain).
     """
-    if device.type != "cuda":
-        for batch in batches:
-            yield prepare(batch)
-        return
-    side = torch.cuda.Stream(device)
 
-    def launch(batch: dict) -> tuple[dict, torch.cuda.Event]:
-        with torch.cuda.stream(side):
-            ready = prepare(batch)
+    def __init__(self, batches: Iterable[dict], prepare: Callable[[dict], dict], device: torch.device):
+        self._batches = iter(batches)
+        self._prepare = prepare
+        self._side = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._ahead: tuple[dict, torch.cuda.Event] | None = None
+
+    def __iter__(self) -> "PreparedBatches":
+        return self
+
+    def __next__(self) -> dict:
+        if self._side is None:
+            return self._prepare(next(self._batches))
+        if self._ahead is None:
+            self.prepare_next()
+            if self._ahead is None:
+                raise StopIteration
+        batch, done = self._ahead
+        self._ahead = None
+        return _hand_over(batch, done)
+
+    def prepare_next(self) -> None:
+        """Launch the next batch's preparation now (GPU only; nothing when one is already waiting or the
+        loader is done)."""
+        if self._side is None or self._ahead is not None:
+            return
+        try:
+            batch = next(self._batches)
+        except StopIteration:
+            return
+        with torch.cuda.stream(self._side):
+            ready = self._prepare(batch)
             done = torch.cuda.Event()
-            done.record(side)
-        return ready, done
-
-    pending = None
-    for batch in batches:
-        upcoming = launch(batch)
-        if pending is not None:
-            yield _hand_over(*pending)
-        pending = upcoming
-    if pending is not None:
-        yield _hand_over(*pending)
+            done.record(self._side)
+        self._ahead = ready, done
 
 
 def _hand_over(batch: dict, done: torch.cuda.Event) -> dict:

@@ -27,7 +27,7 @@ from torch import nn
 
 from glsd_cli.data.base import UNREADABLE_SAMPLE, too_many_unreadable
 from glsd_cli.engine import distributed as dist
-from glsd_cli.engine.batching import batch_size, clear_worker_errors, grouped, prepared_ahead
+from glsd_cli.engine.batching import PreparedBatches, batch_size, clear_worker_errors, grouped
 from glsd_cli.engine.checkpoint import (CHECKPOINT_NAME, load_optimizer, load_state_strict, optimizer_tensors,
                                         read_checkpoint, remove_stale_temporaries, restore_rng, rng_tensors,
                                         save_tensors, sub_dict)
@@ -108,7 +108,7 @@ class Trainer:
     max_bad_fraction: float | None = None    # of unreadable images per epoch, None: no check
     plots: bool = True
     # Finishes a host batch on the device before the step (e.g. DevicePhotometric.prepare), one batch
-    # ahead on a GPU (engine/batching.prepared_ahead); then the rest is moved to the device as it is.
+    # ahead on a GPU (engine/batching.PreparedBatches); then the rest is moved to the device as it is.
     prepare_batch: Callable[[dict], dict] | None = None
 
     def __post_init__(self):
@@ -220,12 +220,12 @@ class Trainer:
         self.task.train()
         t_last, images = time.perf_counter(), 0
         batches = clear_worker_errors(loader)
-        if self.prepare_batch is not None:
-            batches = prepared_ahead(batches, self.prepare_batch, self.device)
-        for micro_batches in grouped(batches, self.accum_steps):
+        prepared = PreparedBatches(batches, self.prepare_batch, self.device) if self.prepare_batch else None
+        for micro_batches in grouped(prepared or batches, self.accum_steps):
             step = self.state.global_step
             ctx = StepContext(epoch, step, total, self._set_schedule(step))
-            metrics, step_images, skipped = self._step(micro_batches, ctx)
+            metrics, step_images, skipped = self._step(micro_batches, ctx,
+                                                       prepared.prepare_next if prepared else None)
             images += step_images
             self.state.step_in_epoch += 1
             self.state.global_step += 1
@@ -293,9 +293,12 @@ class Trainer:
         ctx = StepContext(epoch, step, self.epochs * self.steps_per_epoch, self._set_schedule(step))
         return self._step(micro_batches, ctx)[0]
 
-    def _step(self, micro_batches: list, ctx: StepContext) -> tuple[dict[str, torch.Tensor], int, bool]:
+    def _step(self, micro_batches: list, ctx: StepContext, before_wait: Callable[[], None] | None = None
+              ) -> tuple[dict[str, torch.Tensor], int, bool]:
         """One optimiser step over its micro-batches; returns its metrics (device tensors, averaged
-        over micro-batches and processes), the images it used, and whether it was skipped."""
+        over micro-batches and processes), the images it used, and whether it was skipped.
+        `before_wait` runs once the step's work is queued, just before the host waits for the device
+        (the next batch's preparation)."""
         self.optimizer.zero_grad(set_to_none=True)
         outputs: list[StepOutput] = []
         unreadable, images = 0, 0
@@ -320,6 +323,8 @@ class Trainer:
         # The scaler handles fp16 overflow itself (it skips the step and lowers the scale).
         grads_ok = torch.isfinite(norms).all() if self.scaler is None else torch.ones((), dtype=torch.bool,
                                                                                      device=norms.device)
+        if before_wait is not None:
+            before_wait()
         flags, metrics = self._agree([~loss_ok, ~grads_ok], [self._stop_signal is not None, unreadable, images],
                                      metrics)
         bad_loss, bad_grads, stop, unreadable, images = flags
