@@ -79,14 +79,24 @@ def photometric_on_device(cfg: Config, device: torch.device) -> bool:
 
 def compile_backbones(method: torch.nn.Module) -> None:
     """torch.compile each transformer block in place (state_dict keys unchanged, so checkpoints and
-    resume are unaffected); blocks share their code, so one compiled graph serves them all."""
+    resume are unaffected).
+
+    The blocks share one forward, but dynamo guards on each block's own constants (stochastic depth
+    gives every student block its drop-path rate) and on the input's resolution (global, local), so
+    it keeps a graph per block and resolution. Its default limit of 8 graphs per code object left the
+    deeper blocks of ViT-S/16 uncompiled, with a warning (H200, 2026-11-28): the limit is raised to
+    cover them."""
+    import torch._dynamo
     from glsd_cli.models.backbone import Backbone
 
+    blocks = []
     for module in method.modules():
         if isinstance(module, Backbone):
-            blocks = getattr(module.model, "blocks", None) or getattr(module.model, "layers", None) or []
-            for block in blocks:
-                block.compile()
+            blocks += list(getattr(module.model, "blocks", None) or getattr(module.model, "layers", None) or [])
+    limit = torch._dynamo.config.recompile_limit
+    torch._dynamo.config.recompile_limit = max(limit, 4 * len(blocks))
+    for block in blocks:
+        block.compile()
 
 
 @dataclass
