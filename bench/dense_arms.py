@@ -57,23 +57,29 @@ def evaluate(run: Path, random_init: bool = False) -> dict:
 
 
 def monitors(run: Path) -> dict:
-    """The last epoch's collapse statistics (and log K) and every collapse warning the run's epochs
-    raise, judged as the Trainer judges them (engine/monitors.py): is this arm training stably?"""
+    """The last epoch's collapse statistics of the global head (and log K) and of the dense head (and
+    its log K), and every collapse warning the run's epochs raise for either head, judged as the Trainer
+    judges them (engine/monitors.py): is this arm training stably?"""
     from glsd_cli.config import Config
-    from glsd_cli.engine.monitors import COLLAPSE_KEYS, collapse_warning
+    from glsd_cli.engine.monitors import COLLAPSE_KEYS, DENSE, collapse_warning
 
     with open(run / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     cfg = Config.from_json((run / "config.json").read_text())
-    k = cfg.head.out_dim
+    heads = [("", cfg.head.out_dim)]
+    if cfg.method.local.matching != "none":
+        heads.append((DENSE, cfg.method.local.out_dim))
     warnings = []
-    for epoch, row in enumerate(rows):
-        if all(row.get(key) for key in COLLAPSE_KEYS):
-            text = collapse_warning({key: float(row[key]) for key in COLLAPSE_KEYS}, k, epoch, rows[:epoch])
-            warnings += [text] if text else []
-    keep = ("teacher_entropy", "teacher_kl_uniform", "loss")
-    return {"epochs": len(rows), "log_k": round(math.log(k), 4), **{key: float(rows[-1][key]) for key in keep
-                                                                    if rows[-1].get(key)}, "warnings": warnings}
+    for prefix, k in heads:
+        keys = [prefix + key for key in COLLAPSE_KEYS]
+        for epoch, row in enumerate(rows):
+            if all(row.get(key) for key in keys):
+                text = collapse_warning({key: float(row[key]) for key in keys}, k, epoch, rows[:epoch], prefix)
+                warnings += [text] if text else []
+    keep = [prefix + key for prefix, _ in heads for key in COLLAPSE_KEYS] + ["loss"]
+    return {"epochs": len(rows), "log_k": round(math.log(heads[0][1]), 4),
+            **({"dense_log_k": round(math.log(heads[1][1]), 4)} if len(heads) > 1 else {}),
+            **{key: float(rows[-1][key]) for key in keep if rows[-1].get(key)}, "warnings": warnings}
 
 
 def mean_std(values: list[float]) -> dict:
@@ -169,14 +175,19 @@ def _table(summary: dict) -> str:
         lines += [f"| {arm} | " + " | ".join(diff(arms[arm], m, "random_init") for m in METRICS) + " |"
                   for arm in gained]
     trained = [arm for arm, e in arms.items() if arm != "random-init"]
-    lines += ["", "Collapse monitors of the last epoch (teacher entropy and KL(mean ‖ uniform) in nats, seed 0 / 1 / 2) "
-              "and collapse warnings over all epochs:", "",
-              "| arm | log K | teacher entropy | KL to uniform | warnings |", "|---|---:|---|---|---:|"]
+    lines += ["", "Collapse monitors of the last epoch (teacher entropy and KL(mean ‖ uniform) in nats, seed 0 / 1 / 2; "
+              "global head, then the dense head where there is one) and collapse warnings of either head over "
+              "all epochs:", "",
+              "| arm | head | log K | teacher entropy | KL to uniform | warnings |", "|---|---|---:|---|---|---:|"]
     for arm in trained:
         mons = [r["monitors"] for r in arms[arm]["records"]]
-        lines.append(f"| {arm} | {mons[0]['log_k']:.2f} | " + " / ".join(f"{m['teacher_entropy']:.2f}" for m in mons)
-                     + " | " + " / ".join(f"{m['teacher_kl_uniform']:.3f}" for m in mons)
-                     + f" | {sum(len(m['warnings']) for m in mons)} |")
+        for head, prefix, log_k in (("global", "", "log_k"), ("dense", "dense_", "dense_log_k")):
+            if log_k not in mons[0]:
+                continue
+            lines.append(f"| {arm} | {head} | {mons[0][log_k]:.2f} | "
+                         + " / ".join(f"{m.get(prefix + 'teacher_entropy', float('nan')):.2f}" for m in mons) + " | "
+                         + " / ".join(f"{m.get(prefix + 'teacher_kl_uniform', float('nan')):.3f}" for m in mons)
+                         + (f" | {sum(len(m['warnings']) for m in mons)} |" if head == "global" else " | |"))
     return (f"{summary['data']}, {summary['epochs']} epochs, {summary['seeds']} seed(s), mean ± std over seeds; "
             f"wall {summary['wall_s']} s, CPU {summary['cpu_s']} s:\n\n" + "\n".join(lines) + "\n")
 

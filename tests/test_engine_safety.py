@@ -259,3 +259,20 @@ def test_collapse_warning_sees_a_drift_toward_one_prototype_and_spares_healthy_r
     # 2.64 nats by epoch 19 while its k-NN rose; the turn is not a drift.
     turned = _epochs([3.97, 4.82, 4.91, 4.71], [0.005, 0.006, 0.005, 0.005])
     assert collapse_warning(turned[-1], k, 3, turned[:-1]) is None
+
+
+def test_collapse_statistics_in_parts_and_the_dense_head_warning():
+    from glsd_cli.engine.monitors import DENSE, CollapseTally
+
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(30, 16, generator=g) * 3, -1)
+    tally = CollapseTally()
+    for part in probs.split([7, 20, 3]):
+        tally.add(part)
+    for key, value in collapse_stats(probs, DENSE).items():
+        assert key.startswith(DENSE) and tally.stats(DENSE)[key].item() == pytest.approx(value.item(), rel=1e-5)
+    k = 16
+    one_hot = _floats(collapse_stats(F.one_hot(torch.full((10,), 3), k).float(), DENSE))
+    warning = collapse_warning(one_hot, k, 2, prefix=DENSE)
+    assert "one prototype wins" in warning and "dense" in warning
+    assert collapse_warning(one_hot, k, 2) is None  # the global head's keys are absent: nothing to judge

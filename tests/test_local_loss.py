@@ -95,7 +95,8 @@ def test_loss_and_gradients_match_naive(pairs_fn, chunk, targets) -> None:
                                     targets_through_prototypes=targets == "through_prototypes")
     loss_fn.center.copy_(torch.randn(1, K) * 0.3)
 
-    loss, kept = loss_fn(student_z, teacher_z, student_last, teacher_last, _table(pairs), TT)
+    loss, metrics = loss_fn(student_z, teacher_z, student_last, teacher_last, _table(pairs), TT)
+    kept = metrics["local_valid_fraction"]
     loss.backward()
     got = _grads([student_z], student_last)
     ref = _naive(student_z, teacher_z, student_last, teacher_last, pairs, loss_fn.center)
@@ -420,3 +421,25 @@ def test_on_a_gpu_under_bf16_the_loss_and_gradients_follow_the_cpu(centering) ->
     (ref, want), (got, grad) = results
     assert got == pytest.approx(ref, rel=1e-2)
     assert F.cosine_similarity(grad.flatten(), want.flatten(), dim=0) > 0.999
+
+
+@pytest.mark.parametrize("centering", ["ema", "sinkhorn"])
+@pytest.mark.parametrize("chunk, recompute", [(5, 0.0), (10**9, None)], ids=["per_image_recomputed", "one_chunk"])
+def test_dense_collapse_statistics_cover_every_teacher_token_once(centering, chunk, recompute) -> None:
+    """The dense head's collapse statistics are those of its targets over all B x 2 x 9 teacher tokens,
+    whatever the chunking, and a recomputed chunk does not count twice."""
+    from glsd_cli.engine.monitors import collapse_stats
+
+    student_z, teacher_z = _views(50)
+    student_last, teacher_last = _last(51), _last(52)
+    loss_fn = LocalDistillationLoss(K, chunk_tokens=chunk, recompute_above_mib=recompute, centering=centering)
+    loss_fn.center.copy_(torch.randn(1, K) * 0.3)
+    loss, metrics = loss_fn(student_z, teacher_z, student_last, teacher_last, _table(_geometric_pairs(53)), TT)
+    loss.backward()  # recomputes the chunks when they are checkpointed
+    with torch.no_grad():
+        logits = teacher_last(teacher_z.reshape(-1, D))
+        targets = F.softmax((logits - loss_fn.center) / TT, -1) if centering == "ema" else _naive_sinkhorn(logits, TT)
+    want = collapse_stats(targets.float(), "dense_")
+    assert set(want) <= set(metrics)
+    for key, value in want.items():
+        assert metrics[key].item() == pytest.approx(value.item(), rel=1e-4, abs=1e-6)

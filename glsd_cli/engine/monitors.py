@@ -11,7 +11,9 @@ logged here separate them from a healthy run:
 The centre norm is logged alongside: a centre that runs away is often the first visible symptom.
 
 Methods report them in their step metrics, computed from the targets they already made
-(`collapse_stats`); the loop averages them per epoch and `collapse_warning` judges the epoch.
+(`collapse_stats`, or `CollapseTally` for targets made in parts); the loop averages them per epoch and
+`collapse_warning` judges the epoch. GLSD's dense head is watched the same way, under keys with the
+prefix `DENSE` (its teacher targets over all patch tokens of the global views).
 """
 from __future__ import annotations
 
@@ -21,42 +23,67 @@ import torch
 
 ENTROPY, KL_UNIFORM = "teacher_entropy", "teacher_kl_uniform"
 COLLAPSE_KEYS = (ENTROPY, KL_UNIFORM)
+DENSE = "dense_"  # key prefix of the dense head's statistics
 # Fractions of log K. Healthy DINO runs sit far from both ends; these only fire near a true collapse.
 UNIFORM_ENTROPY, UNIFORM_KL = 0.9, 0.05
 ONE_PROTOTYPE_KL = 0.9
 
 
 @torch.no_grad()
-def collapse_stats(probs: torch.Tensor) -> dict[str, torch.Tensor]:
+def collapse_stats(probs: torch.Tensor, prefix: str = "") -> dict[str, torch.Tensor]:
     """probs (N, K), rows summing to 1 → mean per-row entropy and KL(mean row ‖ uniform), in nats, as
     0-d tensors on probs' device (read when a log line is written, not every step)."""
-    p = probs.float()
-    k = p.shape[-1]
-    entropy = -(p * p.clamp_min(1e-30).log()).sum(-1).mean()
-    mean = p.mean(0)
-    kl = (mean * (mean.clamp_min(1e-30) * k).log()).sum()
-    return {ENTROPY: entropy, KL_UNIFORM: kl}
+    tally = CollapseTally()
+    tally.add(probs)
+    return tally.stats(prefix)
+
+
+class CollapseTally:
+    """`collapse_stats` of rows that arrive in parts (the local loss's chunks): sums in float32, with
+    no float32 copy of a part (a dense head's targets can be B x tokens x 65536)."""
+
+    def __init__(self) -> None:
+        self.entropy_sum: torch.Tensor | None = None
+        self.mass: torch.Tensor | None = None
+        self.rows = 0
+
+    @torch.no_grad()
+    def add(self, probs: torch.Tensor) -> None:
+        entropy = torch.special.entr(probs).sum(dtype=torch.float32)  # -p log p, 0 at p = 0
+        mass = probs.sum(0, dtype=torch.float32)
+        self.entropy_sum = entropy if self.entropy_sum is None else self.entropy_sum + entropy
+        self.mass = mass if self.mass is None else self.mass + mass
+        self.rows += probs.shape[0]
+
+    def stats(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        if self.mass is None:
+            raise ValueError("no rows were added")
+        mean = self.mass / self.rows
+        kl = (mean * (mean.clamp_min(1e-30) * mean.numel()).log()).sum()
+        return {prefix + ENTROPY: self.entropy_sum / self.rows, prefix + KL_UNIFORM: kl}
 
 
 def collapse_warning(summary: dict[str, float], num_prototypes: int | None, epoch: int,
-                     history: list[dict[str, float]] | None = None) -> str | None:
+                     history: list[dict[str, float]] | None = None, prefix: str = "") -> str | None:
     """A one-paragraph warning when an epoch's mean statistics look collapsed, or when they have been
     drifting toward a collapse over the last epochs (`history`: earlier epochs' summaries, oldest first),
-    else None."""
-    if num_prototypes is None or not all(k in summary for k in COLLAPSE_KEYS):
+    else None. `prefix`: "" for the (global) head, `DENSE` for the dense head."""
+    keys = (prefix + ENTROPY, prefix + KL_UNIFORM)
+    if num_prototypes is None or not all(k in summary for k in keys):
         return None
     log_k = math.log(max(num_prototypes, 2))
-    entropy, kl = summary[ENTROPY], summary[KL_UNIFORM]
+    entropy, kl = summary[keys[0]], summary[keys[1]]
+    outputs = "dense (patch-token) outputs" if prefix == DENSE else "outputs"
     numbers = f"entropy {entropy:.3f} and KL(mean ‖ uniform) {kl:.3f} nats, of at most log K = {log_k:.3f}"
     if entropy > UNIFORM_ENTROPY * log_k and kl < UNIFORM_KL * log_k:
-        return (f"collapse warning (epoch {epoch}): the teacher's outputs are nearly uniform ({numbers}): "
-                "every prototype is equally likely for every image. Lower method.loss.teacher_temp or "
+        return (f"collapse warning (epoch {epoch}): the teacher's {outputs} are nearly uniform ({numbers}): "
+                "every prototype is equally likely for every input. Lower method.loss.teacher_temp or "
                 "its warm-up start, or lower optim.lr.")
     if kl > ONE_PROTOTYPE_KL * log_k:
-        return (f"collapse warning (epoch {epoch}): one prototype wins for nearly every image ({numbers}). "
-                "Raise method.loss.teacher_temp, keep the centring on (method.loss.center_momentum < 1), "
-                "or lower optim.lr.")
-    return _drift_warning(summary, history or [], log_k, epoch)
+        return (f"collapse warning (epoch {epoch}): one prototype wins for nearly every input in the teacher's "
+                f"{outputs} ({numbers}). Raise method.loss.teacher_temp, keep the centring on "
+                "(method.loss.center_momentum < 1) or use method.loss.centering=sinkhorn, or lower optim.lr.")
+    return _drift_warning(summary, history or [], log_k, epoch, keys, outputs)
 
 
 # Slow drift: over the last DRIFT_EPOCHS epochs (this one included) a statistic rose by at least
@@ -74,23 +101,25 @@ def _slope(values: list[float]) -> float:
     return sum((x - mean_x) * (y - mean_y) for x, y in enumerate(values)) / sum((x - mean_x) ** 2 for x in range(n))
 
 
-def _drift_warning(summary: dict[str, float], history: list[dict[str, float]], log_k: float, epoch: int) -> str | None:
+def _drift_warning(summary: dict[str, float], history: list[dict[str, float]], log_k: float, epoch: int,
+                   keys: tuple[str, str], outputs: str) -> str | None:
     # Earlier epochs as logged (results.csv rows hold strings; an epoch without the statistics is skipped).
-    logged = [{k: float(h[k]) for k in COLLAPSE_KEYS} for h in history if all(h.get(k) not in (None, "") for k in COLLAPSE_KEYS)]
+    logged = [{k: float(h[k]) for k in keys} for h in history if all(h.get(k) not in (None, "") for k in keys)]
     recent = logged[-(DRIFT_EPOCHS - 1):] + [summary]
     if len(recent) < DRIFT_EPOCHS:
         return None
+    entropy_key, kl_key = keys
     for key, toward, advice in (
-            (ENTROPY, "uniform outputs", "Lower optim.lr, raise optim.momentum_teacher (a slower teacher), or use "
-                                         "method.loss.centering=sinkhorn."),
-            (KL_UNIFORM, "one prototype for every image", "Raise method.loss.teacher_temp, lower optim.lr, or use "
-                                                          "method.loss.centering=sinkhorn.")):
+            (entropy_key, "uniform outputs", "Lower optim.lr, raise optim.momentum_teacher (a slower teacher), or "
+                                             "use method.loss.centering=sinkhorn."),
+            (kl_key, "one prototype for every input", "Raise method.loss.teacher_temp, lower optim.lr, or use "
+                                                      "method.loss.centering=sinkhorn.")):
         series = [h[key] / log_k for h in recent]
         # Still climbing: this epoch is the highest of the window (a rise at the start of training
         # that has already turned, as Sinkhorn's warm-up makes on scenes-dino, is no drift).
         if _slope(series) >= DRIFT_SLOPE and series[-1] >= DRIFT_LEVEL and series[-1] >= max(series):
             trail = " → ".join(f"{h[key]:.2f}" for h in recent)
-            name = "entropy" if key == ENTROPY else "KL(mean ‖ uniform)"
-            return (f"collapse warning (epoch {epoch}): the teacher is drifting toward {toward}: its {name} rose "
-                    f"over the last {len(recent)} epochs ({trail} nats, log K = {log_k:.2f}). {advice}")
+            name = "entropy" if key == entropy_key else "KL(mean ‖ uniform)"
+            return (f"collapse warning (epoch {epoch}): the teacher's {outputs} are drifting toward {toward}: "
+                    f"the {name} rose over the last {len(recent)} epochs ({trail} nats, log K = {log_k:.2f}). {advice}")
     return None

@@ -49,6 +49,7 @@ def _panels(steps: list[dict], epochs: list[dict]) -> list[tuple[str, str, dict[
         ("teacher EMA momentum", "step", series(["momentum"])),
         ("λ(t) of self-distillation", "step", series(["sd_weight"])),
         ("collapse monitors (nats)", "step", series(["teacher_entropy", "teacher_kl_uniform"])),
+        ("dense-head collapse monitors (nats)", "step", series(["dense_teacher_entropy", "dense_teacher_kl_uniform"])),
         ("centre norm", "step", series(sorted(k for k in keys if k.startswith("center_norm")))),
     ]
     for key, title in (("knn_top1", "k-NN top-1 (%)"), ("patch_knn_miou", "patch k-NN mIoU (%)")):

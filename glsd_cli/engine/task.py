@@ -69,6 +69,8 @@ class TrainingTask(nn.Module):
     # K of the distribution whose collapse the loop watches (teacher_entropy / teacher_kl_uniform in
     # the step metrics, judged against log K at epoch ends); None: the task reports no such statistics.
     num_prototypes: int | None = None
+    # Likewise for a dense (patch-token) head, whose statistics carry engine/monitors.DENSE's prefix.
+    dense_prototypes: int | None = None
 
     def training_step(self, batch: dict, ctx: StepContext) -> StepOutput:
         raise NotImplementedError

@@ -32,7 +32,7 @@ from glsd_cli.engine.checkpoint import (CHECKPOINT_NAME, load_optimizer, load_st
                                         read_checkpoint, remove_stale_temporaries, restore_rng, rng_tensors,
                                         save_tensors, sub_dict)
 from glsd_cli.engine.metrics import MetricsLog, console, progress_bar, read_results
-from glsd_cli.engine.monitors import collapse_warning
+from glsd_cli.engine.monitors import DENSE, collapse_warning
 from glsd_cli.engine.optim import clip_gradients, grad_norms
 from glsd_cli.engine.precision import autocast_dtype
 from glsd_cli.engine.task import ScheduledValues, StepContext, StepOutput, TrainingTask
@@ -263,9 +263,10 @@ class Trainer:
         summary.update(self.task.epoch_metrics())
         if self.log:
             history = [row for row in read_results(self.run_dir) if int(row["epoch"]) < epoch]  # survives resume
-            warning = collapse_warning(summary, self.task.num_prototypes, epoch, history)
-            if warning:  # shown even with --quiet: it may save days of compute
-                console.print(f"[bold yellow]{warning}")
+            for prefix, k in (("", self.task.num_prototypes), (DENSE, self.task.dense_prototypes)):
+                warning = collapse_warning(summary, k, epoch, history, prefix)
+                if warning:  # shown even with --quiet: it may save days of compute
+                    console.print(f"[bold yellow]{warning}")
             self.log.epoch({"epoch": epoch, **summary})
             if self.plots:
                 self._draw()

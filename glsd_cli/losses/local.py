@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from glsd_cli.engine.distributed import all_reduce_mean
+from glsd_cli.engine.monitors import DENSE, CollapseTally
 from glsd_cli.losses.dino import sinkhorn_knopp
 from glsd_cli.matching import TokenMatches
 
@@ -261,8 +262,9 @@ class LocalDistillationLoss(nn.Module):
 
     def forward(self, student_z: Tensor, teacher_z: Tensor, student_last: nn.Module, teacher_last: nn.Module,
                 matches: TokenMatches, teacher_temp: float) -> tuple[Tensor, Tensor]:
-        """Mean local cross-entropy over the pairs of ``matches``, and the fraction of pairs' tokens that
-        the hinge kept (0-d tensors on the device).
+        """Mean local cross-entropy over the pairs of ``matches`` (a 0-d tensor on the device), and metrics:
+        the fraction of pairs' tokens that the hinge kept (``local_valid_fraction``) and the collapse
+        statistics of the teacher's targets over all its tokens (engine/monitors.py, prefix DENSE).
 
         ``student_z`` (B, N, d): the student bottleneck of all student views' tokens, in the order of
         ``matches``; ``teacher_z`` (B, T·Nt, d): the teacher bottleneck of the T global views, view after
@@ -295,6 +297,9 @@ class LocalDistillationLoss(nn.Module):
                 table = sinkhorn_knopp(teacher_last(teacher_z.detach().reshape(-1, dim)), teacher_temp,
                                        self.sinkhorn_iterations)
                 table = table.to(torch.get_autocast_dtype(table.device.type)) if elem_bytes < 4 else table
+        tally = CollapseTally()  # of each chunk's targets, in forward only (not when recomputed)
+        if self.centering == "sinkhorn":
+            tally.add(table)
         through_prototypes = _is_plain_linear_without_bias(student_last) and (
             student_z.device.type != "cpu" if self.targets_through_prototypes is None else self.targets_through_prototypes)
 
@@ -302,6 +307,8 @@ class LocalDistillationLoss(nn.Module):
             """`teacher`: the chunk's teacher bottleneck (EMA centre) or its rows of the Sinkhorn table."""
             with torch.no_grad():
                 probs = teacher if self.centering == "sinkhorn" else _softmax_in_dtype(teacher_logits(teacher))
+                if self.centering == "ema" and tally.rows < n_teacher * batch:
+                    tally.add(probs)
             if through_prototypes:
                 return _PrototypeSoftTargetCrossEntropy.apply(sz, student_last.weight, probs, rows, w,
                                                               1.0 / self.student_temp)
@@ -329,7 +336,7 @@ class LocalDistillationLoss(nn.Module):
             else:
                 total = total + chunk(sz, teacher, rows, w)
         # The weights of the kept tokens sum to the mean over pairs of each pair's kept fraction.
-        return total, weights.sum()
+        return total, {"local_valid_fraction": weights.sum(), **tally.stats(DENSE)}
 
     @torch.no_grad()
     def update_center(self, teacher_z: Tensor, teacher_last: nn.Module) -> None:

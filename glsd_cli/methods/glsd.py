@@ -59,6 +59,7 @@ class GlobalLocalDistillation(Method):
         h, loc, lc = cfg.head, cfg.method.local, cfg.method.loss
         self.local_on = loc.matching != "none"
         self.num_prototypes = h.out_dim
+        self.dense_prototypes = loc.out_dim if self.local_on else None
 
         def modules(drop_path: float) -> nn.ModuleDict:
             backbone = Backbone(cfg.model, cfg.data.global_crop_size, drop_path)
@@ -120,10 +121,10 @@ class GlobalLocalDistillation(Method):
             metrics["center_norm"] = self.dino_loss.center.norm()
         t_dense = None
         if self.local_on:
-            loss_local, kept, t_dense = self._local_term(batch, groups, t_tok, temp)
+            loss_local, local_metrics, t_dense = self._local_term(batch, groups, t_tok, temp)
             w = self.cfg.method.local.weight
             loss = (1 - w) * loss_global + w * loss_local
-            metrics.update(loss_local=loss_local.detach(), local_valid_fraction=kept)
+            metrics.update(loss_local=loss_local.detach(), **local_metrics)
             if self.local_loss.centering == "ema":
                 metrics["center_norm_local_loss"] = self.local_loss.center.norm()
         if self.sd_on:  # SD on DINO/GLSD: L + λ(t)·mean_l L_l toward the same targets
@@ -153,9 +154,9 @@ class GlobalLocalDistillation(Method):
                 for group, per_layer in groups if group]
 
     def _local_term(self, batch: dict, groups: list[tuple[TokenOutput, int]], t_tok: TokenOutput,
-                    temp: float) -> tuple[Tensor, Tensor, Tensor]:
-        """The local loss over every (teacher global view, other student view) pair; its kept-token
-        fraction; and the teacher's dense bottleneck (for the centre)."""
+                    temp: float) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+        """The local loss over every (teacher global view, other student view) pair; its metrics (kept-token
+        fraction, the dense head's collapse statistics); and the teacher's dense bottleneck (for the centre)."""
         dense_s, dense_t = self.student["dense_head"], self.teacher["dense_head"]
         s_z = torch.cat([image_major(dense_s.forward_bottleneck(tok.patches), n) for tok, n in groups], 1)
         with torch.no_grad():
@@ -168,8 +169,8 @@ class GlobalLocalDistillation(Method):
                 s_patches = torch.cat([image_major(tok.patches.detach(), n) for tok, n in groups], 1)
                 sizes = [tok.patches.shape[1] for tok, n in groups for _ in range(n)]
                 matches = similarity_matches(s_patches, image_major(t_tok.patches, G), sizes, G)
-        loss, kept = self.local_loss(s_z, t_z, dense_s.last_layer, dense_t.last_layer, matches, temp)
-        return loss, kept, t_z
+        loss, metrics = self.local_loss(s_z, t_z, dense_s.last_layer, dense_t.last_layer, matches, temp)
+        return loss, metrics, t_z
 
     def after_step(self, ctx: StepContext, outputs: list[StepOutput]) -> None:
         """Centres move after the optimiser step, from the teacher outputs of all the step's
