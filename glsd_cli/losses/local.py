@@ -107,7 +107,9 @@ def plan_chunks(batch: int, student_rows: int, teacher_rows: int, out_dim: int, 
         limit = CPU_RECOMPUTE_ABOVE_MIB if recompute_above_mib is None else recompute_above_mib
         recompute = 4 * out_dim * images * student_rows > limit * 2**20
     else:
-        recompute = batch * student_rows * out_dim * elem_bytes > DEVICE_KEEP_SHARE * free_bytes
+        # Kept for backward on an accelerator: each chunk's weighted student softmax and its teacher
+        # targets (which the targets' way through the prototypes reads again in backward).
+        recompute = batch * (student_rows + teacher_rows) * out_dim * elem_bytes > DEVICE_KEEP_SHARE * free_bytes
     return ChunkPlan(images, recompute)
 
 
