@@ -12,10 +12,13 @@ match j(i) in view t (glsd_cli/matching.py: geometric or similarity):
 Cost. The pairs of one student token share its logits x, so they merge exactly:
     sum_t w_t (logsumexp(x) - P_t . x) = (sum_t w_t) logsumexp(x) - (sum_t w_t P_t) . x
 with w_t the pair's mask and weight. Each student token goes through the K-wide prototype layer,
-log-softmax and backward once, each teacher token through its prototype layer and softmax once, and
-every student token's target sum_t w_t P_t is gathered in one indexed pass over the teacher
-probabilities (`gather_targets`; no loop over pairs, views or images). With ViT-S/16's 2 global (196 tokens) and 8 local
-views (36 tokens) that is 680 student and 392 teacher token passes per image instead of 968 and 968.
+log-softmax and backward once, each teacher token through its prototype layer and softmax once. On the
+CPU every student token's target sum_t w_t P_t is gathered in one indexed pass over the teacher
+probabilities (`gather_targets`; no loop over pairs, views or images); on an accelerator the targets
+go through the prototypes in d dimensions instead (`_PrototypeSoftTargetCrossEntropy`: no (tokens x K)
+target table, two extra (M x K) x (K x d) products). With ViT-S/16's 2 global (196 tokens) and 8
+local views (36 tokens) that is 680 student and 392 teacher token passes per image instead of 968
+and 968.
 
 Precision. Under autocast the K-wide buffers stay in the autocast dtype (half the memory traffic of
 float32); softmax accumulates in float32 inside its kernel, and the log-sum-exp and the dot products
@@ -31,8 +34,8 @@ Memory. The dense head's last layer maps the ~256-d bottleneck to K = out_dim lo
 tokens x K logits may not fit. So the loss takes bottleneck features and the two last layers, and works
 in chunks of whole images, planned from the device's memory (`plan_chunks`): on the CPU small chunks
 (16 MiB, measured), on an accelerator as many images per chunk as a quarter of its free memory holds,
-usually the whole batch. A chunk either keeps one (tokens x K) buffer for backward, the logits'
-gradient, or runs under `torch.utils.checkpoint` and recomputes its logits in backward when keeping the
+usually the whole batch. A chunk either keeps its buffers for backward (the logits' gradient, or the
+weighted softmax and the teacher targets on the way through the prototypes), or runs under `torch.utils.checkpoint` and recomputes its logits in backward when keeping the
 buffers of every chunk would not fit.
 """
 from __future__ import annotations
