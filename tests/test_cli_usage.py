@@ -44,3 +44,17 @@ def test_version_is_the_package_metadata(capsys):
         expected = "0+unknown"
     assert code == 0 and out == f"glsd {expected}\n" and err == ""
     assert glsd_cli.__version__ == expected
+
+
+def test_a_usage_error_comes_back_before_any_heavy_import():
+    """`glsd --bogus` in a fresh interpreter: exit 2 with one line, and the command line was read without
+    loading torch or pydantic (it once took ~7 s on the development machine, since a command module
+    imported the dense probe for its default learning rates; a harness's timeout then saw exit 124)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys\nsys.argv = ['glsd', '--bogus']\nfrom glsd_cli.cli import main\ntry:\n    main()\n"
+             "except SystemExit as e:\n    print(e.code, 'torch' in sys.modules, 'pydantic' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["2", "False", "False"], done.stdout + done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "No such option: --bogus" in done.stderr

@@ -8,7 +8,6 @@ from typing import Annotated, Optional
 import typer
 
 from glsd_cli.commands.options import CheckpointArg, DeviceOpt, parse_list
-from glsd_cli.eval.dense_probe import DEFAULT_LR, DEFAULT_LR_GRID
 
 LAYERS_HELP = ("evaluate these blocks' patch tokens instead of the final block's: 'all' or block numbers counted "
                "from 1 like 2,4 (-1 = the last); each block's tokens go through the shared final norm. Prints a "
@@ -26,8 +25,10 @@ def command(
     mask_size: Annotated[Optional[int], typer.Option("--mask-size", help="side masks are resized to (nearest) and scored at, px (default: the image size)")] = None,
     epochs: Annotated[int, typer.Option(help="epochs of the linear probes")] = 10,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="images per probe step and per extraction batch")] = 32,
-    lr_grid: Annotated[str, typer.Option("--lr-grid", help="probe learning rates per 256 images, trained at once; the one with the best holdout mIoU is reported")] = ",".join(f"{x:g}" for x in DEFAULT_LR_GRID),
-    lr: Annotated[float, typer.Option(help="the probe's lr per 256 images when nothing is selected (--holdout-fraction 0)")] = DEFAULT_LR,
+    # No defaults here: the probe's own (eval/dense_probe.py) apply. Importing it to show them would
+    # load torch before any argument is read, and make `glsd --bogus` take seconds.
+    lr_grid: Annotated[Optional[str], typer.Option("--lr-grid", help="probe learning rates per 256 images, trained at once; the one with the best holdout mIoU is reported (default: 0.01 to 1, five values)")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="the probe's lr per 256 images when nothing is selected (--holdout-fraction 0; default 0.1)")] = None,
     holdout_fraction: Annotated[float, typer.Option("--holdout-fraction", help="fraction of the training images held out (seeded) to choose the probe's lr on; 0: train on all, use --lr")] = 0.1,
     train_fraction: Annotated[Optional[float], typer.Option("--train-fraction", help="use this seeded, stratified fraction of the training images (their masks) for the probe and the k-NN bank: a low-label regime")] = None,
     seed: Annotated[int, typer.Option(help="seed of the probes, their data order, the holdout and the --train-fraction subset")] = 0,
@@ -43,10 +44,13 @@ def command(
     """Dense evaluation of a frozen backbone's patch tokens: linear segmentation probe and patch k-NN, mIoU."""
     from glsd_cli.eval.dense_command import DenseOptions, run_dense_eval
 
+    probe_lrs = {"lr": lr} if lr is not None else {}
+    if lr_grid is not None:
+        probe_lrs["lr_grid"] = parse_list(lr_grid, float, "--lr-grid")
     opts = DenseOptions(train_uri=train_data, val_uri=val_data, layers=layers, k=k, temperature=temperature,
-                        image_size=image_size, mask_size=mask_size, epochs=epochs, batch_size=batch_size, lr=lr,
-                        lr_grid=parse_list(lr_grid, float, "--lr-grid"), holdout_fraction=holdout_fraction, train_fraction=train_fraction, seed=seed,
+                        image_size=image_size, mask_size=mask_size, epochs=epochs, batch_size=batch_size,
+                        holdout_fraction=holdout_fraction, train_fraction=train_fraction, seed=seed,
                         student=student, random_init=random_init, device=device, num_workers=num_workers,
-                        cache=cache, cache_dir=cache_dir, output=output, quiet=quiet)
+                        cache=cache, cache_dir=cache_dir, output=output, quiet=quiet, **probe_lrs)
     result = run_dense_eval(checkpoint, opts)
     typer.echo(json.dumps(result["summary"]))

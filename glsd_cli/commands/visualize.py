@@ -12,13 +12,14 @@ import typer
 
 from glsd_cli.commands.options import DeviceOpt
 from glsd_cli.errors import GlsdError
-from glsd_cli.viz.images import IMAGE_HELP
 
 app = typer.Typer(help="Pictures: attention maps, token matches, feature embeddings (PNG files).",
                   no_args_is_help=True)
 
 CheckpointArg = Annotated[Path, typer.Argument(help="a run directory or a .safetensors pre-training checkpoint")]
-ImageArg = Annotated[str, typer.Argument(help=IMAGE_HELP)]
+# The help of viz/images.read_image's argument; that module is not imported here, as it loads torch.
+ImageArg = Annotated[str, typer.Argument(help="an image file (any format Pillow reads), or synthetic:INDEX for "
+                                              "image INDEX of the built-in val set")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="folder for the PNG files (created if missing)")]
 StudentOpt = Annotated[bool, typer.Option("--student", help="use the student backbone instead of the teacher")]
 

@@ -9,7 +9,6 @@ import torch
 from glsd_cli.errors import DataError
 
 SYNTHETIC_PREFIX = "synthetic:"
-IMAGE_HELP = "an image file (any format Pillow reads), or synthetic:INDEX for image INDEX of the built-in val set"
 
 
 def read_image(spec: str, synthetic_size: int = 224) -> torch.Tensor:
