@@ -35,8 +35,9 @@ tokens x K logits may not fit. So the loss takes bottleneck features and the two
 in chunks of whole images, planned from the device's memory (`plan_chunks`): on the CPU small chunks
 (16 MiB, measured), on an accelerator as many images per chunk as a quarter of its free memory holds,
 usually the whole batch. A chunk either keeps its buffers for backward (the logits' gradient, or the
-weighted softmax and the teacher targets on the way through the prototypes), or runs under `torch.utils.checkpoint` and recomputes its logits in backward when keeping the
-buffers of every chunk would not fit.
+weighted softmax and the teacher targets on the way through the prototypes), or runs under
+`torch.utils.checkpoint` and recomputes its logits in backward when keeping the buffers of every chunk
+would not fit.
 """
 from __future__ import annotations
 
@@ -211,12 +212,13 @@ class _PrototypeSoftTargetCrossEntropy(torch.autograd.Function):
             lse = x.amax(dim=-1).float() - probs_s.amax(dim=-1).float().log()
             del x
             w = w.float()
+            row_weight = w.sum(-1)
             scaled_z = z.float() * scale
             a = scaled_z.new_zeros(probs.shape[0], z.shape[1]).index_add_(
                 0, rows.reshape(-1), (scaled_z[:, None, :] * w[..., None]).reshape(-1, z.shape[1]))
             target_through_w = (probs @ weight.to(probs.dtype)).float()  # (M, d): P W
-            total = torch.dot(w.sum(-1), lse) - torch.dot(target_through_w.reshape(-1), a.reshape(-1))
-            weighted_softmax = probs_s.mul_(w.sum(-1).to(probs_s.dtype)[:, None])
+            total = torch.dot(row_weight, lse) - torch.dot(target_through_w.reshape(-1), a.reshape(-1))
+            weighted_softmax = probs_s.mul_(row_weight.to(probs_s.dtype)[:, None])
         ctx.scale = scale
         ctx.save_for_backward(weighted_softmax, scaled_z, weight, probs, target_through_w, a, rows, w)
         return total
@@ -269,10 +271,11 @@ class LocalDistillationLoss(nn.Module):
         return self._plans[key]
 
     def forward(self, student_z: Tensor, teacher_z: Tensor, student_last: nn.Module, teacher_last: nn.Module,
-                matches: TokenMatches, teacher_temp: float) -> tuple[Tensor, Tensor]:
+                matches: TokenMatches, teacher_temp: float) -> tuple[Tensor, dict[str, Tensor]]:
         """Mean local cross-entropy over the pairs of ``matches`` (a 0-d tensor on the device), and metrics:
         the fraction of pairs' tokens that the hinge kept (``local_valid_fraction``) and the collapse
-        statistics of the teacher's targets over all its tokens (engine/monitors.py, prefix DENSE).
+        statistics of the teacher's targets (engine/monitors.py, prefix DENSE) over about STATS_ROWS of
+        its tokens, evenly strided over the batch.
 
         ``student_z`` (B, N, d): the student bottleneck of all student views' tokens, in the order of
         ``matches``; ``teacher_z`` (B, T·Nt, d): the teacher bottleneck of the T global views, view after
@@ -306,9 +309,9 @@ class LocalDistillationLoss(nn.Module):
                                        self.sinkhorn_iterations)
                 table = table.to(torch.get_autocast_dtype(table.device.type)) if elem_bytes < 4 else table
         # Collapse statistics of the targets of every `stride`-th teacher token of the batch (an entropy
-        # pass over all of them cost tiny-geo's CPU step 3-6 %), in forward only (not when recomputed).
+        # pass over all of them cost tiny-geo's CPU step 3-6 %), tallied in forward.
         stride = max(1, batch * n_teacher // STATS_ROWS)
-        tally, recording = CollapseTally(), [self.centering == "ema"]
+        tally, recording = CollapseTally(), self.centering == "ema"
         if self.centering == "sinkhorn":
             tally.add(table[::stride])
         through_prototypes = _is_plain_linear_without_bias(student_last) and (
@@ -319,7 +322,7 @@ class LocalDistillationLoss(nn.Module):
             the batch's teacher rows from `first_row` on."""
             with torch.no_grad():
                 probs = teacher if self.centering == "sinkhorn" else _softmax_in_dtype(teacher_logits(teacher))
-                if recording[0]:
+                if recording:  # read when the chunk runs: False once backward recomputes it
                     tally.add(probs[(-first_row) % stride::stride])
             if through_prototypes:
                 return _PrototypeSoftTargetCrossEntropy.apply(sz, student_last.weight, probs, rows, w,
@@ -347,7 +350,7 @@ class LocalDistillationLoss(nn.Module):
                 total = total + checkpoint(chunk, sz, teacher, rows, w, start * n_teacher, use_reentrant=False)
             else:
                 total = total + chunk(sz, teacher, rows, w, start * n_teacher)
-        recording[0] = False  # a checkpointed chunk runs again in backward: counted once
+        recording = False  # backward's recomputation of a checkpointed chunk need not tally again
         # The weights of the kept tokens sum to the mean over pairs of each pair's kept fraction.
         return total, {"local_valid_fraction": weights.sum(), **tally.stats(DENSE)}
 
