@@ -163,3 +163,18 @@ def test_pretraining_on_scenes_monitors_patch_knn_miou_as_dense_eval_measures_it
     assert code == 0, err
     knn = json.loads((tmp_path / "scenes" / "dense.json").read_text())["knn"]["blocks"][0]
     assert float(row["patch_knn_miou"]) == pytest.approx(knn["miou"], abs=1e-3)
+
+
+@pytest.mark.parametrize("command", ["dense-eval", "knn-eval", "linear-eval"])
+def test_an_output_that_cannot_take_the_result_is_refused_before_any_work(command, run, tmp_path, capsys):
+    """--output names the result JSON; a folder or another suffix once crashed dense-eval after its whole
+    evaluation (the probes' run folder took the JSON's name)."""
+    mine = copy_run(run, tmp_path / "run")
+    before = sorted(p.name for p in mine.iterdir())
+    folder = tmp_path / "results"
+    folder.mkdir()
+    for output, needle in ((folder, "is a folder"), (tmp_path / "result", "must end in .json")):
+        code, out, err = run_cli([command, str(mine), "--train-data", SCENES, "--output", str(output), "-q"], capsys)
+        assert code == 2 and needle in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert sorted(p.name for p in mine.iterdir()) == before and not any(folder.iterdir())
+    assert not (tmp_path / "result").exists()

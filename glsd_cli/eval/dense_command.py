@@ -27,7 +27,7 @@ from glsd_cli.eval.feature_cache import FeatureCache
 from glsd_cli.eval.features import FeatureRequest, extract_representations, parse_blocks
 from glsd_cli.eval.knn import DEFAULT_TEMPERATURE
 from glsd_cli.eval.loading import backbone_to_evaluate, loader_workers, result_tag
-from glsd_cli.eval.report import pct, print_table, result_paths, write_results
+from glsd_cli.eval.report import check_output, pct, print_table, result_paths, write_results
 
 DEFAULT_K = 20
 
@@ -70,6 +70,7 @@ def patch_knn_miou(backbone, bank: ImageSource, queries: ImageSource, image_size
 
 
 def _check(opts: DenseOptions) -> None:
+    check_output(opts.output)
     if opts.k < 1:
         raise GlsdError(f"--k must be positive, got {opts.k}")
     if opts.temperature <= 0:

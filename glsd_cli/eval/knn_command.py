@@ -16,7 +16,7 @@ from glsd_cli.eval.feature_cache import FeatureCache
 from glsd_cli.eval.features import FeatureRequest, parse_blocks
 from glsd_cli.eval.knn import DEFAULT_KS, DEFAULT_TEMPERATURE, knn_classify
 from glsd_cli.eval.loading import backbone_to_evaluate, loader_workers, result_tag
-from glsd_cli.eval.report import pct, print_table, result_paths, write_results
+from glsd_cli.eval.report import check_output, pct, print_table, result_paths, write_results
 from glsd_cli.eval.splits import open_labelled_pair
 
 HEADLINE_K = 20  # DINO's headline k (docs/algorithms.md §5)
@@ -43,6 +43,7 @@ class KnnOptions:
 
 
 def _check(opts: KnnOptions) -> None:
+    check_output(opts.output)
     if not opts.ks or any(k < 1 for k in opts.ks):
         raise GlsdError(f"--k needs positive neighbour counts, got {','.join(map(str, opts.ks)) or 'none'}")
     if opts.temperature <= 0:

@@ -35,7 +35,7 @@ from glsd_cli.eval.features import FeatureRequest, parse_blocks
 from glsd_cli.eval.linear_probes import (EpochScores, LinearProbes, ProbeTask, Representation, epoch_cosine,
                                          probe_accuracies, report_rows)
 from glsd_cli.eval.loading import load_pretrained, loader_workers
-from glsd_cli.eval.report import pct, print_table, result_paths, write_results
+from glsd_cli.eval.report import check_output, pct, print_table, result_paths, write_results
 from glsd_cli.eval.splits import EvalSplits, open_eval_splits
 from glsd_cli.eval.train_data import AugmentedImages
 from glsd_cli.models.backbone import Backbone
@@ -74,6 +74,7 @@ class LinearOptions:
 
 
 def _check(opts: LinearOptions) -> None:
+    check_output(opts.output)
     if opts.epochs < 1 or opts.batch_size < 1:
         raise GlsdError(f"--epochs and --batch-size must be positive, got {opts.epochs} and {opts.batch_size}")
     if opts.lr <= 0 or any(lr <= 0 for lr in opts.lr_grid or ()):

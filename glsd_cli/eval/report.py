@@ -10,6 +10,21 @@ from rich.table import Table
 
 from glsd_cli.engine.checkpoint import CHECKPOINT_NAME, atomic_write_bytes
 from glsd_cli.engine.metrics import console
+from glsd_cli.errors import GlsdError
+
+
+def check_output(output: Path | None) -> None:
+    """Refuse an `--output` that cannot take the result, before any work: it names the JSON file, whose
+    stem also names the CSV beside it (and the probes' run folder), so it must end in .json and must
+    not be a folder."""
+    if output is None:
+        return
+    output = Path(output)
+    if output.is_dir():
+        raise GlsdError(f"--output {output} is a folder; give the result file's path, e.g. {output / 'result.json'}")
+    if output.suffix != ".json":
+        raise GlsdError(f"--output names the result JSON file and must end in .json (the CSV goes beside it), "
+                        f"got {output}")
 
 
 def result_paths(checkpoint_file: Path, tag: str, output: Path | None = None) -> tuple[Path, Path]:
