@@ -14,9 +14,10 @@ from tests.conftest import TINY_OVERRIDES
 
 
 def _setup(matching, extra=()):
-    # KoLeo off unless a test turns it on: the other tests check the loss terms' weighting without it.
+    # KoLeo off and DINO's EMA centres unless a test asks otherwise (`extra` comes last): the tests check
+    # the loss terms' weighting without KoLeo, and the centres' updates.
     cfg = resolve("tiny-dino", TINY_OVERRIDES + [f'method.local.matching="{matching}"', "method.loss.koleo_weight=0",
-                                                 *extra])
+                                                 'method.loss.centering="ema"', *extra])
     setup = build_pretraining(cfg)
     cfg, method = setup.cfg, setup.method
     batch = default_collate([ViewsDataset(setup.source, setup.views, 0)[i] for i in range(4)])
