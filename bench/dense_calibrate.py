@@ -51,6 +51,8 @@ WORDS = {
     # Small crops: a view then mostly shows one region, so its class is what all views of it agree on.
     "gs": ["data.global_crop_scale=[0.15, 0.4]", "data.local_crop_scale=[0.04, 0.15]"],
     "gs2": ["data.global_crop_scale=[0.25, 0.6]", "data.local_crop_scale=[0.05, 0.25]"],
+    # Textures at half their length scale (periods 2.5-4 px): an 8-px token then holds 2-3 periods.
+    "sc50": ['data.train="synthetic-scenes:scale=50"'],
 }
 
 
