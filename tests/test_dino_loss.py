@@ -89,6 +89,25 @@ def test_sinkhorn_matches_direct_algorithm():
         assert torch.allclose(got, direct_sinkhorn(logits, 0.04, iterations), atol=1e-6)
 
 
+
+def test_sinkhorn_matches_a_float64_log_domain_reference_where_float32_underflows():
+    """Logits / τ spanning hundreds of nats, as a sharp teacher's do: most entries of exp underflow
+    float32 (the CPU's slow path, which sinkhorn_knopp clamps away); the targets must not move."""
+    from glsd_cli.losses.dino import sinkhorn_knopp
+
+    torch.manual_seed(0)
+    logits = torch.randn(300, 64) * 3 + torch.randn(1, 64) * 4  # prototypes of very different popularity
+    ref = logits.double() / 0.02
+    for _ in range(3):
+        ref = ref - torch.logsumexp(ref, dim=0, keepdim=True)
+        ref = ref - torch.logsumexp(ref, dim=1, keepdim=True)
+    assert (ref < -104).float().mean() > 0.5  # below float32's smallest subnormal: most of the table
+    got = sinkhorn_knopp(logits, 0.02, 3).double()
+    assert torch.allclose(got, ref.exp(), atol=1e-6, rtol=1e-4)
+    # What float32 cannot hold comes out as (next to) nothing; what it can, with its log-probability.
+    assert got[ref < -90].max() < 1e-37
+    assert torch.allclose(got[ref > -80].log(), ref[ref > -80], atol=1e-3)
+
 def test_sinkhorn_balances_prototypes_and_survives_large_logits():
     from glsd_cli.losses.dino import sinkhorn_knopp
 
