@@ -37,7 +37,9 @@ def prepare(cfg: Config, num_images: int) -> tuple[Config, dict[str, object]]:
     if cfg.head.out_dim == "auto":
         cfg.head.out_dim = resolved["head.out_dim"] = sizes["out_dim"]
     if method.name == "dino" and method.local.out_dim == "auto":
-        method.local.out_dim = resolved["method.local.out_dim"] = sizes["out_dim"]
+        method.local.out_dim = sizes["out_dim"]
+        if method.local.matching != "none":  # reported only where a dense head is built with it
+            resolved["method.local.out_dim"] = sizes["out_dim"]
     if method.name == "dino" and method.loss.teacher_temp == "auto":
         method.loss.teacher_temp = resolved["method.loss.teacher_temp"] = sizes["teacher_temp"]
     if cfg.optim.momentum_teacher == "auto":

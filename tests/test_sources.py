@@ -332,3 +332,14 @@ def test_size_defaults_anchors_and_monotone() -> None:
         vals = [resolve_size_defaults(n)[key] for n in ns]
         assert vals == sorted(vals)
     assert all(d & (d - 1) == 0 for d in (auto_out_dim(n) for n in ns))
+
+
+@pytest.mark.parametrize("preset,reported", [("tiny-dino", False), ("tiny-geo", True)])
+def test_auto_values_are_concrete_but_reported_only_where_used(preset, reported) -> None:
+    """`pretrain` prints what `auto` resolved to; a dense head's size is news only where one is built."""
+    from glsd_cli.config import resolve
+    from glsd_cli.pretraining import prepare
+
+    cfg, resolved = prepare(resolve(preset, ['method.local.out_dim="auto"']), 2000)
+    assert cfg.method.local.out_dim == auto_out_dim(2000)  # the saved config has no 'auto' left
+    assert ("method.local.out_dim" in resolved) == reported
