@@ -37,6 +37,8 @@ from glsd_cli.eval.loading import backbone_to_evaluate  # noqa: E402
 def per_block(vit: torch.nn.Module, images: torch.Tensor) -> list[dict]:
     """The three statistics of every block's patch tokens (timm's VisionTransformer, prefix tokens dropped)."""
     prefix = vit.num_prefix_tokens
+    # The stem of timm's forward_features, step by step: forward_intermediates gives each block's output
+    # but not the embedding the blocks add to.
     h = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
     embed = h[:, prefix:]
     embed_norm = embed.norm(dim=-1).mean()
@@ -62,14 +64,15 @@ def main() -> None:
     report = []
     for run in args.runs:
         entry = {"run": str(run)}
+        cfg, trained, _, _ = backbone_to_evaluate(run, device)
+        val = open_source(cfg.data.train, "val")
+        size = cfg.data.global_crop_size
+        dataset = Subset(DenseEvalDataset(val, size, size), range(min(args.images, len(val))))
+        images = torch.cat([x for x, _, _ in DataLoader(dataset, batch_size=64)])
+        entry["data"] = val.uri
         for name, random_init in (("trained", False), ("random_init", True)):
-            cfg, backbone, _, _ = backbone_to_evaluate(run, device, random_init=random_init)
-            val = open_source(cfg.data.train, "val")
-            size = cfg.data.global_crop_size
-            dataset = Subset(DenseEvalDataset(val, size, size), range(min(args.images, len(val))))
-            images = torch.cat([x for x, _, _ in DataLoader(dataset, batch_size=64)])
+            backbone = backbone_to_evaluate(run, device, random_init=True)[1] if random_init else trained
             entry[name] = per_block(backbone.model.eval(), images)
-            entry["data"] = val.uri
         report.append(entry)
         print(run)
         print(f"  {'block':>5} | {'resid / embed':>22} | {'token-specific':>22} | {'cos to embedding':>22}")

@@ -89,7 +89,6 @@ def test_sinkhorn_matches_direct_algorithm():
         assert torch.allclose(got, direct_sinkhorn(logits, 0.04, iterations), atol=1e-6)
 
 
-
 def test_sinkhorn_matches_a_float64_log_domain_reference_where_float32_underflows():
     """Logits / τ spanning hundreds of nats, as a sharp teacher's do: most entries of exp underflow
     float32 (the CPU's slow path, which sinkhorn_knopp clamps away); the targets must not move."""
@@ -107,6 +106,7 @@ def test_sinkhorn_matches_a_float64_log_domain_reference_where_float32_underflow
     # What float32 cannot hold comes out as (next to) nothing; what it can, with its log-probability.
     assert got[ref < -90].max() < 1e-37
     assert torch.allclose(got[ref > -80].log(), ref[ref > -80], atol=1e-3)
+
 
 def test_sinkhorn_balances_prototypes_and_survives_large_logits():
     from glsd_cli.losses.dino import sinkhorn_knopp
