@@ -56,6 +56,20 @@ def evaluate(run: Path, random_init: bool = False) -> dict:
             "linear_pixel_acc": dense["linear_pixel_acc"], "knn_pixel_acc": dense["knn_pixel_acc"]}
 
 
+def check_reusable(run: Path, preset: str, seed: int, args) -> None:
+    """A finished run in --out is reused only if it was trained on the data, epochs and seed asked for now:
+    after a preset changes, stale runs would otherwise fill the new table (stop, naming the run)."""
+    from glsd_cli.config import resolve
+
+    want = resolve(preset, [f"run.seed={seed}"] + ([f"run.epochs={args.epochs}"] if args.epochs else [])
+                   + ([f'data.train="{args.data}"'] if args.data else []))
+    have = json.loads((run / "config.json").read_text())
+    for section, key in (("data", "train"), ("run", "epochs"), ("run", "seed")):
+        if have[section][key] != getattr(getattr(want, section), key):
+            sys.exit(f"{run} was trained with {section}.{key} = {have[section][key]!r}, not "
+                     f"{getattr(getattr(want, section), key)!r}: remove it or pass another --out")
+
+
 def monitors(run: Path) -> dict:
     """The last epoch's collapse statistics of the global head (and log K) and of the dense head (and
     its log K), and every collapse warning the run's epochs raise for either head, judged as the Trainer
@@ -105,7 +119,9 @@ def main() -> None:
             preset, sets = ARMS[arm]
             name = f"{arm.replace('+', '-')}-s{seed}"
             run = Path(args.out) / name
-            if not (run / "done.json").exists():
+            if (run / "done.json").exists():
+                check_reusable(run, preset, seed, args)
+            else:
                 extra = [x for s in sets for x in ("--set", s)]
                 epochs = ["--epochs", str(args.epochs)] if args.epochs else []
                 data = ["--data", args.data] if args.data else []

@@ -51,13 +51,16 @@ WORDS = {
     # Small crops: a view then mostly shows one region, so its class is what all views of it agree on.
     "gs": ["data.global_crop_scale=[0.15, 0.4]", "data.local_crop_scale=[0.04, 0.15]"],
     "gs2": ["data.global_crop_scale=[0.25, 0.6]", "data.local_crop_scale=[0.05, 0.25]"],
-    # Textures at half their length scale (periods 2.5-4 px): an 8-px token then holds 2-3 periods.
-    "sc50": ['data.train="synthetic-scenes:scale=50"'],
+    # One linear layer before the heads' bottleneck (DINO's MLP has 3): the backbone must then carry the
+    # nonlinear texture features itself rather than leave them to the heads.
+    "hl1": ["head.num_layers=1"],
+    # Views near the evaluation's scale: global crops of 80-100 % of the image, local ones of 20-30 %.
+    "z1": ["data.global_crop_scale=[0.8, 1.0]", "data.local_crop_scale=[0.2, 0.3]"],
 }
 
 
 def arm_config(name: str) -> tuple[str, list[str]]:
-    """(preset, overrides) of an arm name such as geo-32-sk-e20 (see WORDS; eN sets the epochs)."""
+    """(preset, overrides) of an arm name such as geo-32-sk-e20 (see WORDS; eN sets the epochs, sN the seed, scN the texture scale in %)."""
     if name == "smoke":
         return "tiny-geo", ['data.train="synthetic-scenes:train=128,val=32,size=32"', "run.epochs=1",
                             "data.batch_size=32"]
@@ -66,6 +69,9 @@ def arm_config(name: str) -> tuple[str, list[str]]:
     for word in words:
         if word.startswith("e") and word[1:].isdigit():
             sets.append(f"run.epochs={word[1:]}")
+        elif word.startswith("sc") and word[2:].isdigit():
+            # Textures at N % of their length scale: at 50 (periods 2.5-4 px) an 8-px token holds 2-3 periods.
+            sets.append(f'data.train="synthetic-scenes:scale={word[2:]}"')
         elif word.startswith("s") and word[1:].isdigit():
             sets.append(f"run.seed={word[1:]}")
         else:
