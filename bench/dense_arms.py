@@ -88,7 +88,8 @@ def monitors(run: Path) -> dict:
         keys = [prefix + key for key in COLLAPSE_KEYS]
         for epoch, row in enumerate(rows):
             if all(row.get(key) for key in keys):
-                text = collapse_warning({key: float(row[key]) for key in keys}, k, epoch, rows[:epoch], prefix)
+                text = collapse_warning({key: float(row[key]) for key in keys}, k, epoch, rows[:epoch], prefix,
+                                        cfg.method.loss.centering == "sinkhorn")
                 warnings += [text] if text else []
     keep = [prefix + key for prefix, _ in heads for key in COLLAPSE_KEYS] + ["loss"]
     return {"epochs": len(rows), "log_k": round(math.log(heads[0][1]), 4),

@@ -60,7 +60,8 @@ WORDS = {
 
 
 def arm_config(name: str) -> tuple[str, list[str]]:
-    """(preset, overrides) of an arm name such as geo-32-sk-e20 (see WORDS; eN sets the epochs, sN the seed, scN the texture scale in %)."""
+    """(preset, overrides) of an arm name such as geo-32-sk-e20: see WORDS; eN sets the epochs, sN the
+    seed, scN the scenes' texture scale in percent."""
     if name == "smoke":
         return "tiny-geo", ['data.train="synthetic-scenes:train=128,val=32,size=32"', "run.epochs=1",
                             "data.batch_size=32"]

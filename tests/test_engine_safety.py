@@ -259,6 +259,10 @@ def test_collapse_warning_sees_a_drift_toward_one_prototype_and_spares_healthy_r
     # 2.64 nats by epoch 19 while its k-NN rose; the turn is not a drift.
     turned = _epochs([3.97, 4.82, 4.91, 4.71], [0.005, 0.006, 0.005, 0.005])
     assert collapse_warning(turned[-1], k, 3, turned[:-1]) is None
+    # A rise that has levelled off: the dense bench's arms at texture scale 40 (every seed and arm),
+    # which sharpen given more epochs. The issue's drift (above) climbs every epoch to the last.
+    levelled = _epochs([3.92, 4.71, 4.89, 4.90], [0.004, 0.005, 0.005, 0.005])
+    assert collapse_warning(levelled[-1], k, 3, levelled[:-1]) is None
 
 
 def test_collapse_statistics_in_parts_and_the_dense_head_warning():
@@ -276,3 +280,22 @@ def test_collapse_statistics_in_parts_and_the_dense_head_warning():
     warning = collapse_warning(one_hot, k, 2, prefix=DENSE)
     assert "one prototype wins" in warning and "dense" in warning
     assert collapse_warning(one_hot, k, 2) is None  # the global head's keys are absent: nothing to judge
+
+
+def test_collapse_advice_does_not_suggest_the_sinkhorn_targets_a_run_already_has():
+    from glsd_cli.config import resolve
+    from glsd_cli.pretraining import build_pretraining
+
+    k = 256
+    drift = _epochs([2.0, 2.6, 3.1, 3.7, 4.39], [2.5, 2.0, 1.6, 1.2, 0.8])
+    one_hot = {"teacher_entropy": 0.01, "teacher_kl_uniform": 5.4}
+    for summary, history in ((drift[-1], drift[:-1]), (one_hot, [])):
+        with_centre = collapse_warning(summary, k, 9, history)
+        assert "centering=sinkhorn" in with_centre
+        with_sinkhorn = collapse_warning(summary, k, 9, history, sinkhorn=True)
+        assert "centering=sinkhorn" not in with_sinkhorn and "center_momentum" not in with_sinkhorn
+        assert with_sinkhorn.split(":")[0] == with_centre.split(":")[0]  # the same warning, other advice
+    # The loop passes what the run's config says.
+    for centering, sinkhorn in (("sinkhorn", True), ("ema", False)):
+        cfg = resolve("tiny-dino", TINY_OVERRIDES + [f'method.loss.centering="{centering}"'])
+        assert build_pretraining(cfg).method.sinkhorn_targets is sinkhorn

@@ -64,10 +64,12 @@ class CollapseTally:
 
 
 def collapse_warning(summary: dict[str, float], num_prototypes: int | None, epoch: int,
-                     history: list[dict[str, float]] | None = None, prefix: str = "") -> str | None:
+                     history: list[dict[str, float]] | None = None, prefix: str = "",
+                     sinkhorn: bool = False) -> str | None:
     """A one-paragraph warning when an epoch's mean statistics look collapsed, or when they have been
     drifting toward a collapse over the last epochs (`history`: earlier epochs' summaries, oldest first),
-    else None. `prefix`: "" for the (global) head, `DENSE` for the dense head."""
+    else None. `prefix`: "" for the (global) head, `DENSE` for the dense head. `sinkhorn`: the targets
+    already come from Sinkhorn-Knopp, so the advice does not suggest it (nor DINO's centre)."""
     keys = (prefix + ENTROPY, prefix + KL_UNIFORM)
     if num_prototypes is None or not all(k in summary for k in keys):
         return None
@@ -80,10 +82,11 @@ def collapse_warning(summary: dict[str, float], num_prototypes: int | None, epoc
                 "every prototype is equally likely for every input. Lower method.loss.teacher_temp or "
                 "its warm-up start, or lower optim.lr.")
     if kl > ONE_PROTOTYPE_KL * log_k:
+        centring = "" if sinkhorn else (", keep the centring on (method.loss.center_momentum < 1) or use "
+                                        "method.loss.centering=sinkhorn")
         return (f"collapse warning (epoch {epoch}): one prototype wins for nearly every input in the teacher's "
-                f"{outputs} ({numbers}). Raise method.loss.teacher_temp, keep the centring on "
-                "(method.loss.center_momentum < 1) or use method.loss.centering=sinkhorn, or lower optim.lr.")
-    return _drift_warning(summary, history or [], log_k, epoch, keys, outputs)
+                f"{outputs} ({numbers}). Raise method.loss.teacher_temp{centring}, or lower optim.lr.")
+    return _drift_warning(summary, history or [], log_k, epoch, keys, outputs, sinkhorn)
 
 
 # Slow drift: over the last DRIFT_EPOCHS epochs (this one included) a statistic rose by at least
@@ -91,8 +94,11 @@ def collapse_warning(summary: dict[str, float], num_prototypes: int | None, epoc
 # run's entropy falls as the teacher sharpens and its KL settles well below half of log K; a run
 # drifting to uniform outputs climbs through those levels for many epochs before the collapse
 # thresholds above fire (tiny-dino on synthetic-scenes for 20 epochs: entropy 0.06 → 4.39 of 5.55,
-# a few percent of log K per epoch, never past 0.9 log K; issue 20).
-DRIFT_EPOCHS, DRIFT_SLOPE, DRIFT_LEVEL = 4, 0.03, 0.5
+# a few percent of log K per epoch, never past 0.9 log K; issue 20). A drift is still under way: the
+# last epoch itself rose by DRIFT_STILL × log K at least. The scenes-* presets' Sinkhorn targets rise
+# from the first epoch's 3.9 nats to a plateau near 4.9 (3.92 → 4.71 → 4.89 → 4.90) and then, given
+# more epochs, sharpen to 2.6 (README "Dense evaluation"): a plateau after a start-up rise is no drift.
+DRIFT_EPOCHS, DRIFT_SLOPE, DRIFT_LEVEL, DRIFT_STILL = 4, 0.03, 0.5, 0.01
 
 
 def _slope(values: list[float]) -> float:
@@ -102,22 +108,24 @@ def _slope(values: list[float]) -> float:
 
 
 def _drift_warning(summary: dict[str, float], history: list[dict[str, float]], log_k: float, epoch: int,
-                   keys: tuple[str, str], outputs: str) -> str | None:
+                   keys: tuple[str, str], outputs: str, sinkhorn: bool) -> str | None:
     # Earlier epochs as logged (results.csv rows hold strings; an epoch without the statistics is skipped).
     logged = [{k: float(h[k]) for k in keys} for h in history if all(h.get(k) not in (None, "") for k in keys)]
     recent = logged[-(DRIFT_EPOCHS - 1):] + [summary]
     if len(recent) < DRIFT_EPOCHS:
         return None
     entropy_key, kl_key = keys
+    or_sinkhorn = "" if sinkhorn else ", or use method.loss.centering=sinkhorn"
     for key, toward, advice in (
-            (entropy_key, "uniform outputs", "Lower optim.lr, raise optim.momentum_teacher (a slower teacher), or "
-                                             "use method.loss.centering=sinkhorn."),
-            (kl_key, "one prototype for every input", "Raise method.loss.teacher_temp, lower optim.lr, or use "
-                                                      "method.loss.centering=sinkhorn.")):
+            (entropy_key, "uniform outputs",
+             f"Lower optim.lr or raise optim.momentum_teacher (a slower teacher){or_sinkhorn}."),
+            (kl_key, "one prototype for every input", f"Raise method.loss.teacher_temp or lower optim.lr{or_sinkhorn}.")):
         series = [h[key] / log_k for h in recent]
-        # Still climbing: this epoch is the highest of the window (a rise at the start of training
-        # that has already turned, as Sinkhorn's warm-up makes on scenes-dino, is no drift).
-        if _slope(series) >= DRIFT_SLOPE and series[-1] >= DRIFT_LEVEL and series[-1] >= max(series):
+        # Still climbing: this epoch is the highest of the window and rose over the one before (a rise
+        # at the start of training that has turned or levelled off, as Sinkhorn's warm-up makes on
+        # scenes-dino, is no drift).
+        still_rising = series[-1] >= max(series) and series[-1] - series[-2] >= DRIFT_STILL
+        if _slope(series) >= DRIFT_SLOPE and series[-1] >= DRIFT_LEVEL and still_rising:
             trail = " → ".join(f"{h[key]:.2f}" for h in recent)
             name = "entropy" if key == entropy_key else "KL(mean ‖ uniform)"
             return (f"collapse warning (epoch {epoch}): the teacher's {outputs} are drifting toward {toward}: "

@@ -71,6 +71,8 @@ class TrainingTask(nn.Module):
     num_prototypes: int | None = None
     # Likewise for a dense (patch-token) head, whose statistics carry engine/monitors.DENSE's prefix.
     dense_prototypes: int | None = None
+    # The watched targets come from Sinkhorn-Knopp: a collapse warning then does not advise it.
+    sinkhorn_targets: bool = False
 
     def training_step(self, batch: dict, ctx: StepContext) -> StepOutput:
         raise NotImplementedError

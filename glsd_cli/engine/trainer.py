@@ -264,7 +264,7 @@ class Trainer:
         if self.log:
             history = [row for row in read_results(self.run_dir) if int(row["epoch"]) < epoch]  # survives resume
             for prefix, k in (("", self.task.num_prototypes), (DENSE, self.task.dense_prototypes)):
-                warning = collapse_warning(summary, k, epoch, history, prefix)
+                warning = collapse_warning(summary, k, epoch, history, prefix, self.task.sinkhorn_targets)
                 if warning:  # shown even with --quiet: it may save days of compute
                     console.print(f"[bold yellow]{warning}")
             self.log.epoch({"epoch": epoch, **summary})

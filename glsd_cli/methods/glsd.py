@@ -60,6 +60,7 @@ class GlobalLocalDistillation(Method):
         self.local_on = loc.matching != "none"
         self.num_prototypes = h.out_dim
         self.dense_prototypes = loc.out_dim if self.local_on else None
+        self.sinkhorn_targets = lc.centering == "sinkhorn"
 
         def modules(drop_path: float) -> nn.ModuleDict:
             backbone = Backbone(cfg.model, cfg.data.global_crop_size, drop_path)
