@@ -259,8 +259,8 @@ def test_collapse_warning_sees_a_drift_toward_one_prototype_and_spares_healthy_r
     # 2.64 nats by epoch 19 while its k-NN rose; the turn is not a drift.
     turned = _epochs([3.97, 4.82, 4.91, 4.71], [0.005, 0.006, 0.005, 0.005])
     assert collapse_warning(turned[-1], k, 3, turned[:-1]) is None
-    # A rise that has levelled off: the dense bench's arms at texture scale 40 (every seed and arm),
-    # which sharpen given more epochs. The drift (above) climbs every epoch to the last.
+    # A rise that has levelled off: the dense bench's arms at texture scale 40 (every seed and arm);
+    # over 50 epochs such a run sharpened. The drift (above) climbs every epoch to the last.
     levelled = _epochs([3.92, 4.71, 4.89, 4.90], [0.004, 0.005, 0.005, 0.005])
     assert collapse_warning(levelled[-1], k, 3, levelled[:-1]) is None
 
