@@ -65,9 +65,10 @@ def check_reusable(run: Path, preset: str, seed: int, args) -> None:
                    + ([f'data.train="{args.data}"'] if args.data else []))
     have = json.loads((run / "config.json").read_text())
     for section, key in (("data", "train"), ("run", "epochs"), ("run", "seed")):
-        if have[section][key] != getattr(getattr(want, section), key):
-            sys.exit(f"{run} was trained with {section}.{key} = {have[section][key]!r}, not "
-                     f"{getattr(getattr(want, section), key)!r}: remove it or pass another --out")
+        trained, asked = have[section][key], getattr(getattr(want, section), key)
+        if trained != asked:
+            sys.exit(f"{run} was trained with {section}.{key} = {trained!r}, not {asked!r}: "
+                     "remove it or pass another --out")
 
 
 def monitors(run: Path) -> dict:

@@ -54,8 +54,6 @@ WORDS = {
     # One linear layer before the heads' bottleneck (DINO's MLP has 3): the backbone must then carry the
     # nonlinear texture features itself rather than leave them to the heads.
     "hl1": ["head.num_layers=1"],
-    # Views near the evaluation's scale: global crops of 80-100 % of the image, local ones of 20-30 %.
-    "z1": ["data.global_crop_scale=[0.8, 1.0]", "data.local_crop_scale=[0.2, 0.3]"],
 }
 
 

@@ -1,0 +1,47 @@
+"""bench/dense_arms.py reuses a finished run only if it was trained as the bench asks now."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+
+from glsd_cli.config import resolve
+
+_BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def _dense_arms():
+    sys.path.insert(0, str(_BENCH))  # the script imports its sibling `common`
+    try:
+        spec = importlib.util.spec_from_file_location("dense_arms", _BENCH / "dense_arms.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(_BENCH))
+
+
+def _finished_run(tmp_path: Path, sets: list[str]) -> Path:
+    run = tmp_path / "dino-s0"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(resolve("scenes-dino", sets).to_json())
+    (run / "done.json").write_text("{}")
+    return run
+
+
+def test_a_run_trained_as_asked_is_reused_and_a_stale_one_stops_the_bench(tmp_path):
+    dense_arms = _dense_arms()
+    asked = Namespace(epochs=None, data=None)
+    dense_arms.check_reusable(_finished_run(tmp_path / "same", ["run.seed=0"]), "scenes-dino", 0, asked)
+    # Trained on the presets' data before it moved to texture scale 40.
+    stale = _finished_run(tmp_path / "stale", ["run.seed=0", 'data.train="synthetic-scenes"'])
+    with pytest.raises(SystemExit) as stop:
+        dense_arms.check_reusable(stale, "scenes-dino", 0, asked)
+    assert "data.train = 'synthetic-scenes'" in str(stop.value) and "scale=40" in str(stop.value)
+    with pytest.raises(SystemExit, match="run.epochs"):  # asked for more epochs than it had
+        dense_arms.check_reusable(_finished_run(tmp_path / "short", ["run.seed=0"]), "scenes-dino", 0,
+                                  Namespace(epochs=20, data=None))
