@@ -56,19 +56,32 @@ def evaluate(run: Path, random_init: bool = False) -> dict:
             "linear_pixel_acc": dense["linear_pixel_acc"], "knn_pixel_acc": dense["knn_pixel_acc"]}
 
 
-def check_reusable(run: Path, preset: str, seed: int, args) -> None:
-    """A finished run in --out is reused only if it was trained on the data, epochs and seed asked for now:
-    after a preset changes, stale runs would otherwise fill the new table (stop, naming the run)."""
+# Settings that do not change what a run learns: where it is written, how often it logs, how its data are
+# loaded, and the epoch-end CLS k-NN monitor the bench turns off.
+NOT_TRAINING = {"description", "run.out", "run.name", "run.device", "run.log_every_steps",
+                "run.checkpoint_every_steps", "run.knn_monitor", "data.num_workers"}
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    return {k: v for key, value in tree.items()
+            for k, v in (_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}).items()}
+
+
+def check_reusable(run: Path, preset: str, sets: list[str], seed: int, args) -> None:
+    """A finished run in --out is reused only if it was trained as the bench asks now (every setting that
+    shapes training: data, model, heads, loss, optimiser, epochs, seed): after a preset changes, stale
+    runs would otherwise fill the new table (stop, naming the run and the settings that differ)."""
     from glsd_cli.config import resolve
 
-    want = resolve(preset, [f"run.seed={seed}"] + ([f"run.epochs={args.epochs}"] if args.epochs else [])
-                   + ([f'data.train="{args.data}"'] if args.data else []))
-    have = json.loads((run / "config.json").read_text())
-    for section, key in (("data", "train"), ("run", "epochs"), ("run", "seed")):
-        trained, asked = have[section][key], getattr(getattr(want, section), key)
-        if trained != asked:
-            sys.exit(f"{run} was trained with {section}.{key} = {trained!r}, not {asked!r}: "
-                     "remove it or pass another --out")
+    want = _flat(json.loads(resolve(preset, list(sets) + [f"run.seed={seed}"]
+                                    + ([f"run.epochs={args.epochs}"] if args.epochs else [])
+                                    + ([f'data.train="{args.data}"'] if args.data else [])).to_json()))
+    have = _flat(json.loads((run / "config.json").read_text()))
+    # A setting asked as "auto" is stored as asked or as what it resolved to; either is the same run.
+    differ = [f"{key} = {have.get(key)!r}, not {asked!r}" for key, asked in want.items()
+              if key not in NOT_TRAINING and asked != "auto" and have.get(key) != asked]
+    if differ:
+        sys.exit(f"{run} was trained with " + "; ".join(differ) + ": remove it or pass another --out")
 
 
 def monitors(run: Path) -> dict:
@@ -122,7 +135,7 @@ def main() -> None:
             name = f"{arm.replace('+', '-')}-s{seed}"
             run = Path(args.out) / name
             if (run / "done.json").exists():
-                check_reusable(run, preset, seed, args)
+                check_reusable(run, preset, sets, seed, args)
             else:
                 extra = [x for s in sets for x in ("--set", s)]
                 epochs = ["--epochs", str(args.epochs)] if args.epochs else []

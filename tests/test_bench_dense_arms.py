@@ -36,12 +36,23 @@ def _finished_run(tmp_path: Path, sets: list[str]) -> Path:
 def test_a_run_trained_as_asked_is_reused_and_a_stale_one_stops_the_bench(tmp_path):
     dense_arms = _dense_arms()
     asked = Namespace(epochs=None, data=None)
-    dense_arms.check_reusable(_finished_run(tmp_path / "same", ["run.seed=0"]), "scenes-dino", 0, asked)
+    # Written elsewhere, logged more often: the same training, so it is reused.
+    same = _finished_run(tmp_path / "same", ["run.seed=0", "run.log_every_steps=1", 'run.out="/elsewhere"'])
+    dense_arms.check_reusable(same, "scenes-dino", [], 0, asked)
     # Trained on the presets' data before it moved to texture scale 40.
     stale = _finished_run(tmp_path / "stale", ["run.seed=0", 'data.train="synthetic-scenes"'])
     with pytest.raises(SystemExit) as stop:
-        dense_arms.check_reusable(stale, "scenes-dino", 0, asked)
+        dense_arms.check_reusable(stale, "scenes-dino", [], 0, asked)
     assert "data.train = 'synthetic-scenes'" in str(stop.value) and "scale=40" in str(stop.value)
     with pytest.raises(SystemExit, match="run.epochs"):  # asked for more epochs than it had
-        dense_arms.check_reusable(_finished_run(tmp_path / "short", ["run.seed=0"]), "scenes-dino", 0,
+        dense_arms.check_reusable(_finished_run(tmp_path / "short", ["run.seed=0"]), "scenes-dino", [], 0,
                                   Namespace(epochs=20, data=None))
+    # Trained before the scenes presets' teacher temperature moved from 0.02 to 0.01.
+    warmer = _finished_run(tmp_path / "warmer", ["run.seed=0", "method.loss.teacher_temp=0.02",
+                                                  "method.loss.warmup_teacher_temp=0.02"])
+    with pytest.raises(SystemExit, match="method.loss.teacher_temp = 0.02, not 0.01"):
+        dense_arms.check_reusable(warmer, "scenes-dino", [], 0, asked)
+    # An arm's own settings are part of what it asks: the geometric arm is not the dino arm's run.
+    with pytest.raises(SystemExit, match="method.local.matching = 'none', not 'geometric'"):
+        dense_arms.check_reusable(_finished_run(tmp_path / "arm", ["run.seed=0"]), "scenes-dino",
+                                  ['method.local.matching="geometric"'], 0, asked)
