@@ -19,16 +19,14 @@ and bench/results/dense_arms.md.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import math
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, cpu_seconds, glsd, machine, pretrain_seconds  # noqa: E402  (first: sets paths and the OpenMP wait policy)
+from common import RESULTS, ROOT, collapse_monitors, cpu_seconds, glsd, machine, pretrain_seconds  # noqa: E402  (first: sets paths and the OpenMP wait policy)
 
 import torch  # noqa: E402
 
@@ -84,33 +82,6 @@ def check_reusable(run: Path, preset: str, sets: list[str], seed: int, args) -> 
         sys.exit(f"{run} was trained with " + "; ".join(differ) + ": remove it or pass another --out")
 
 
-def monitors(run: Path) -> dict:
-    """The last epoch's collapse statistics of the global head (and log K) and of the dense head (and
-    its log K), and every collapse warning the run's epochs raise for either head, judged as the Trainer
-    judges them (engine/monitors.py): is this arm training stably?"""
-    from glsd_cli.config import Config
-    from glsd_cli.engine.monitors import COLLAPSE_KEYS, DENSE, collapse_warning
-
-    with open(run / "results.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    cfg = Config.from_json((run / "config.json").read_text())
-    heads = [("", cfg.head.out_dim)]
-    if cfg.method.local.matching != "none":
-        heads.append((DENSE, cfg.method.local.out_dim))
-    warnings = []
-    for prefix, k in heads:
-        keys = [prefix + key for key in COLLAPSE_KEYS]
-        for epoch, row in enumerate(rows):
-            if all(row.get(key) for key in keys):
-                text = collapse_warning({key: float(row[key]) for key in keys}, k, epoch, rows[:epoch], prefix,
-                                        cfg.method.loss.centering == "sinkhorn")
-                warnings += [text] if text else []
-    keep = [prefix + key for prefix, _ in heads for key in COLLAPSE_KEYS] + ["loss"]
-    return {"epochs": len(rows), "log_k": round(math.log(heads[0][1]), 4),
-            **({"dense_log_k": round(math.log(heads[1][1]), 4)} if len(heads) > 1 else {}),
-            **{key: float(rows[-1][key]) for key in keep if rows[-1].get(key)}, "warnings": warnings}
-
-
 def mean_std(values: list[float]) -> dict:
     return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "runs": values}
@@ -142,7 +113,7 @@ def main() -> None:
                 data = ["--data", args.data] if args.data else []
                 glsd("pretrain", "--preset", preset, "--out", args.out, "--name", name, *epochs, *data,
                      "--seed", str(seed), "-q", "--set", "run.knn_monitor=false", *extra)
-            record = {"seed": seed, "pretrain_s": round(pretrain_seconds(run), 1), **evaluate(run), "monitors": monitors(run)}
+            record = {"seed": seed, "pretrain_s": round(pretrain_seconds(run), 1), **evaluate(run), "monitors": collapse_monitors(run)}
             runs.setdefault(arm, []).append(record)
             print(f"{arm:<13} seed {seed}: " + "  ".join(f"{m} {record[m]:.2f}" for m in METRICS)
                   + f"  ({time.time() - started:.0f} s)", flush=True)

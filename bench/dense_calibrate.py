@@ -3,8 +3,9 @@
 Each arm is a preset plus overrides, named by words (arm_config); the arms run in parallel processes. Per arm it writes
 OUT/NAME.json: the per-epoch rows of results.csv (teacher entropy and KL, and `patch_knn_miou`:
 patch k-NN mIoU with a 400-image bank and 150 queries, from pretraining's epoch-end monitor, beside
-its CLS k-NN top-1) and the final patch k-NN mIoU (2000-image and 250-image banks, 500 queries) of
-the trained teacher and of the same network at its random initialisation.
+its CLS k-NN top-1), every collapse warning of either head over the run (the Trainer's rules), and
+the final patch k-NN mIoU (2000-image and 250-image banks, 500 queries) of the trained teacher and
+of the same network at its random initialisation.
 
     python bench/dense_calibrate.py --out /tmp/calib --parallel 2 geo-32-e5 geo-32-sk-e5 ...
 """
@@ -92,6 +93,7 @@ def patch_knn(backbone, uri: str, size: int, device, bank: int | None = None) ->
 
 def run_one(name: str, out: Path, device: str) -> None:
     import torch
+    from common import collapse_monitors  # bench/common.py, beside this script
 
     from glsd_cli.commands.pretrain import pretrain
     from glsd_cli.config import resolve
@@ -117,7 +119,8 @@ def run_one(name: str, out: Path, device: str) -> None:
               "patch_knn_miou": round(trained, 2), "random_init_patch_knn_miou": round(random_init, 2),
               "gain": round(trained - random_init, 2), f"patch_knn_miou_bank{LOW_LABEL_BANK}": round(trained_250, 2),
               f"random_init_patch_knn_miou_bank{LOW_LABEL_BANK}": round(random_250, 2),
-              f"gain_bank{LOW_LABEL_BANK}": round(trained_250 - random_250, 2), "epochs": epochs}
+              f"gain_bank{LOW_LABEL_BANK}": round(trained_250 - random_250, 2),
+              "warnings": collapse_monitors(run)["warnings"], "epochs": epochs}
     (out / f"{name}.json").write_text(json.dumps(record, indent=1))
     print(json.dumps({k: v for k, v in record.items() if k != "epochs"}), flush=True)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 from argparse import Namespace
 from pathlib import Path
@@ -56,3 +57,30 @@ def test_a_run_trained_as_asked_is_reused_and_a_stale_one_stops_the_bench(tmp_pa
     with pytest.raises(SystemExit, match="method.local.matching = 'none', not 'geometric'"):
         dense_arms.check_reusable(_finished_run(tmp_path / "arm", ["run.seed=0"]), "scenes-dino",
                                   ['method.local.matching="geometric"'], 0, asked)
+
+
+def test_collapse_monitors_judge_both_heads_of_a_finished_run_from_its_logs(tmp_path):
+    sys.path.insert(0, str(_BENCH))
+    try:
+        from common import collapse_monitors
+    finally:
+        sys.path.remove(str(_BENCH))
+    run = tmp_path / "geometric-s0"
+    run.mkdir()
+    cfg = resolve("scenes-geo", ["run.seed=0", "method.local.out_dim=1024"])  # "auto" resolved, as pretrain writes it
+    (run / "config.json").write_text(cfg.to_json())
+    k, dense_k = cfg.head.out_dim, cfg.method.local.out_dim
+    # The global head healthy, then nearly uniform at epoch 2 (entropy past 0.9 log K); the dense head
+    # healthy throughout.
+    global_entropy = [3.0, 3.2, 0.97 * math.log(k)]
+    rows = ["epoch,teacher_entropy,teacher_kl_uniform,dense_teacher_entropy,dense_teacher_kl_uniform,loss"]
+    rows += [f"{epoch},{entropy},0.01,4.0,0.2,5.0" for epoch, entropy in enumerate(global_entropy)]
+    (run / "results.csv").write_text("\n".join(rows) + "\n")
+    seen = collapse_monitors(run)
+    assert seen["epochs"] == 3 and seen["log_k"] == pytest.approx(math.log(k), abs=1e-4)
+    assert seen["dense_log_k"] == pytest.approx(math.log(dense_k), abs=1e-4)
+    assert seen["teacher_entropy"] == pytest.approx(global_entropy[-1]) and seen["dense_teacher_entropy"] == 4.0
+    [warning] = seen["warnings"]
+    assert "uniform" in warning and "epoch 2" in warning
+    # The run already uses Sinkhorn-Knopp targets: the advice does not tell it to.
+    assert "sinkhorn" not in warning.lower()
