@@ -3,7 +3,6 @@ time, a preset resolved as a benchmark runs it, the CLI run as a subprocess (the
 a finished run's collapse monitors (the dense tables)."""
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -105,25 +104,17 @@ def write_report(path: Path, report: dict) -> None:
 def collapse_monitors(run: Path) -> dict:
     """The last epoch's collapse statistics of a finished run's global head (and log K) and of its dense
     head (and its log K), and every collapse warning its epochs raise for either head, judged from its
-    results.csv as the Trainer judges them (engine/monitors.py), by the rules as they stand now: did
-    this run train stably?"""
-    from glsd_cli.engine.monitors import COLLAPSE_KEYS, DENSE, collapse_warning
+    results.csv as the Trainer judges them, by the rules as they stand now: did this run train stably?"""
+    from glsd_cli.engine.metrics import read_results
+    from glsd_cli.engine.monitors import COLLAPSE_KEYS, DENSE, epoch_collapse_warnings
+    from glsd_cli.methods.glsd import watched_targets
 
-    with open(run / "results.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    cfg = Config.from_json((run / "config.json").read_text())
-    heads = [("", cfg.head.out_dim)]
-    if cfg.method.local.matching != "none":
-        heads.append((DENSE, cfg.method.local.out_dim))
-    warnings = []
-    for prefix, k in heads:
-        keys = [prefix + key for key in COLLAPSE_KEYS]
-        for epoch, row in enumerate(rows):
-            if all(row.get(key) for key in keys):
-                text = collapse_warning({key: float(row[key]) for key in keys}, k, epoch, rows[:epoch], prefix,
-                                        cfg.method.loss.centering == "sinkhorn")
-                warnings += [text] if text else []
-    keep = [prefix + key for prefix, _ in heads for key in COLLAPSE_KEYS] + ["loss"]
-    return {"epochs": len(rows), "log_k": round(math.log(heads[0][1]), 4),
-            **({"dense_log_k": round(math.log(heads[1][1]), 4)} if len(heads) > 1 else {}),
+    rows = read_results(run)
+    prototypes, dense_prototypes, sinkhorn = watched_targets(Config.from_json((run / "config.json").read_text()))
+    warnings = [warning for epoch, row in enumerate(rows)
+                for warning in epoch_collapse_warnings({k: float(v) for k, v in row.items() if v}, epoch, rows[:epoch],
+                                                       prototypes, dense_prototypes, sinkhorn)]
+    keep = [*COLLAPSE_KEYS, *([DENSE + key for key in COLLAPSE_KEYS] if dense_prototypes else []), "loss"]
+    return {"epochs": len(rows), "log_k": round(math.log(prototypes), 4),
+            **({"dense_log_k": round(math.log(dense_prototypes), 4)} if dense_prototypes else {}),
             **{key: float(rows[-1][key]) for key in keep if rows[-1].get(key)}, "warnings": warnings}

@@ -61,8 +61,14 @@ NOT_TRAINING = {"description", "run.out", "run.name", "run.device", "run.log_eve
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
-    return {k: v for key, value in tree.items()
-            for k, v in (_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}).items()}
+    """A nested config as {dotted key: value}, the keys `--set` takes."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
 
 
 def check_reusable(run: Path, preset: str, sets: list[str], seed: int, args) -> None:

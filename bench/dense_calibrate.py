@@ -12,7 +12,6 @@ of the same network at its random initialisation.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import subprocess
@@ -97,6 +96,7 @@ def run_one(name: str, out: Path, device: str) -> None:
 
     from glsd_cli.commands.pretrain import pretrain
     from glsd_cli.config import resolve
+    from glsd_cli.engine.metrics import read_results
     from glsd_cli.eval.loading import backbone_to_evaluate
 
     preset, sets = arm_config(name)
@@ -114,7 +114,7 @@ def run_one(name: str, out: Path, device: str) -> None:
     _, random_backbone, _, _ = backbone_to_evaluate(run, dev, random_init=True)
     random_init = patch_knn(random_backbone, uri, size, dev)
     random_250 = patch_knn(random_backbone, uri, size, dev, LOW_LABEL_BANK)
-    epochs = [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(open(run / "results.csv"))]
+    epochs = [{k: float(v) for k, v in row.items() if v != ""} for row in read_results(run)]
     record = {"arm": name, "preset": preset, "overrides": sets, "device": device, "pretrain_s": round(seconds, 1),
               "patch_knn_miou": round(trained, 2), "random_init_patch_knn_miou": round(random_init, 2),
               "gain": round(trained - random_init, 2), f"patch_knn_miou_bank{LOW_LABEL_BANK}": round(trained_250, 2),

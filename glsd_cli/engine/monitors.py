@@ -89,6 +89,15 @@ def collapse_warning(summary: dict[str, float], num_prototypes: int | None, epoc
     return _drift_warning(summary, history or [], log_k, epoch, keys, outputs, sinkhorn)
 
 
+def epoch_collapse_warnings(summary: dict[str, float], epoch: int, history: list[dict],
+                            num_prototypes: int | None, dense_prototypes: int | None, sinkhorn: bool) -> list[str]:
+    """Every collapse warning of one epoch: the global head's and, when the run has one, the dense
+    head's (`None` prototypes: no such head). What the Trainer prints at an epoch's end, and what a
+    replay of a finished run's results.csv finds (bench/common.py)."""
+    return [warning for prefix, k in (("", num_prototypes), (DENSE, dense_prototypes))
+            if (warning := collapse_warning(summary, k, epoch, history, prefix, sinkhorn))]
+
+
 # Slow drift: over the last DRIFT_EPOCHS epochs (this one included) a statistic rose by at least
 # DRIFT_SLOPE × log K per epoch (least-squares slope) and now stands past DRIFT_LEVEL × log K. A healthy
 # run's entropy falls as the teacher sharpens and its KL settles well below half of log K; a run

@@ -32,7 +32,7 @@ from glsd_cli.engine.checkpoint import (CHECKPOINT_NAME, load_optimizer, load_st
                                         read_checkpoint, remove_stale_temporaries, restore_rng, rng_tensors,
                                         save_tensors, sub_dict)
 from glsd_cli.engine.metrics import MetricsLog, console, progress_bar, read_results
-from glsd_cli.engine.monitors import DENSE, collapse_warning
+from glsd_cli.engine.monitors import epoch_collapse_warnings
 from glsd_cli.engine.optim import clip_gradients, grad_norms
 from glsd_cli.engine.precision import autocast_dtype
 from glsd_cli.engine.task import ScheduledValues, StepContext, StepOutput, TrainingTask
@@ -263,10 +263,10 @@ class Trainer:
         summary.update(self.task.epoch_metrics())
         if self.log:
             history = [row for row in read_results(self.run_dir) if int(row["epoch"]) < epoch]  # survives resume
-            for prefix, k in (("", self.task.num_prototypes), (DENSE, self.task.dense_prototypes)):
-                warning = collapse_warning(summary, k, epoch, history, prefix, self.task.sinkhorn_targets)
-                if warning:  # shown even with --quiet: it may save days of compute
-                    console.print(f"[bold yellow]{warning}")
+            task = self.task
+            for warning in epoch_collapse_warnings(summary, epoch, history, task.num_prototypes,
+                                                   task.dense_prototypes, task.sinkhorn_targets):
+                console.print(f"[bold yellow]{warning}")  # shown even with --quiet: it may save days of compute
             self.log.epoch({"epoch": epoch, **summary})
             if self.plots:
                 self._draw()

@@ -53,14 +53,21 @@ def image_major(tokens: Tensor, views: int) -> Tensor:
     return tokens.view(views, vb // views, n, d).transpose(0, 1).reshape(vb // views, views * n, d)
 
 
+def watched_targets(cfg: Config) -> tuple[int, int | None, bool]:
+    """What the collapse monitors watch in a run of this method: the global head's number of prototypes,
+    the dense head's (None without a local loss), and whether the targets come from Sinkhorn-Knopp (the
+    advice then does not suggest it). The method sets these on itself; bench/common.py reads them from a
+    finished run's config."""
+    loss, local = cfg.method.loss, cfg.method.local
+    return cfg.head.out_dim, (local.out_dim if local.matching != "none" else None), loss.centering == "sinkhorn"
+
+
 class GlobalLocalDistillation(Method):
     def __init__(self, cfg: Config):
         super().__init__(cfg)
         h, loc, lc = cfg.head, cfg.method.local, cfg.method.loss
         self.local_on = loc.matching != "none"
-        self.num_prototypes = h.out_dim
-        self.dense_prototypes = loc.out_dim if self.local_on else None
-        self.sinkhorn_targets = lc.centering == "sinkhorn"
+        self.num_prototypes, self.dense_prototypes, self.sinkhorn_targets = watched_targets(cfg)
 
         def modules(drop_path: float) -> nn.ModuleDict:
             backbone = Backbone(cfg.model, cfg.data.global_crop_size, drop_path)
